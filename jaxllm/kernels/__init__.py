@@ -1,0 +1,60 @@
+"""Attention backends behind one signature.
+
+`attention(q, k, v, ...)` takes q [B, T, H, D] and k, v [B, S, K, D] (H a multiple of K),
+document segment ids (0 = padding) and per-token positions (which restart per packed
+document), optional ALiBi slopes [H], and a backend name:
+- `xla`: the reference (kernels/xla.py), every platform;
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, GPU;
+- `flash`: fused Pallas flash attention with ALiBi and document masks inside the kernel;
+- `auto`: the fastest correct backend for the platform and arguments.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.kernels import xla
+
+BACKENDS = ("auto", "xla", "cudnn", "flash")
+
+
+def _default_positions(x, n):
+    return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (x.shape[0], n))
+
+
+def resolve_backend(backend: str, *, alibi: bool, platform: str | None = None) -> str:
+    """The backend `auto` stands for on this platform."""
+    if backend != "auto":
+        return backend
+    platform = platform or jax.default_backend()
+    if platform == "gpu" and not alibi:
+        return "cudnn"
+    return "xla"
+
+
+def attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, positions=None,
+              kv_positions=None, alibi_slopes=None, causal=True, backend="auto", scale=None):
+    """Masked (causal, per-document) multi-head attention; returns [B, T, H, D] in q's dtype."""
+    t, s = q.shape[1], k.shape[1]
+    if segment_ids is None:
+        segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+    if kv_segment_ids is None:
+        kv_segment_ids = segment_ids if s == t else jnp.ones(k.shape[:2], jnp.int32)
+    if positions is None:
+        positions = _default_positions(q, t) + (s - t)
+    if kv_positions is None:
+        kv_positions = positions if s == t else _default_positions(k, s)
+    backend = resolve_backend(backend, alibi=alibi_slopes is not None)
+    if backend == "xla":
+        fn = xla.attention
+    elif backend == "cudnn":
+        from jaxllm.kernels import cudnn
+        fn = cudnn.attention
+    elif backend == "flash":
+        from jaxllm.kernels import flash
+        fn = flash.attention
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    return fn(q, k, v, segment_ids, kv_segment_ids, positions, kv_positions,
+              alibi_slopes=alibi_slopes, causal=causal, scale=scale)
