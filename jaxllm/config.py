@@ -193,7 +193,7 @@ def _typed(cfg: ConfigDict, key: str, kind, *, lo=None, hi=None, optional=False)
 
 def validate(cfg: ConfigDict) -> ConfigDict:
     """Check every choice, type, range and cross-field rule; raise ConfigError on the first."""
-    m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
+    m, _o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
     for key in ("model.d_model", "model.n_layers", "model.n_heads"):
         _typed(cfg, key, int, lo=1)
     for key in ("model.n_kv_heads", "model.d_ff", "model.vocab_size", "model.max_position"):

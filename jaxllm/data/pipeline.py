@@ -67,7 +67,8 @@ def make_pipeline(cfg, tokenizer, split: str = "train", process_index: int = 0,
     """A checkpointable iterator of per-process batches (dict of [local_batch, seq_len])."""
     batch_size = batch_size or cfg.train.batch_size
     if batch_size % process_count:
-        raise ValueError(f"train.batch_size {batch_size} not divisible by {process_count} processes")
+        raise ValueError(f"train.batch_size {batch_size} not divisible by "
+                         f"{process_count} processes")
     source = PackedWindows(load_split(cfg, tokenizer, split), cfg.data.seq_len, tokenizer)
     if len(source) == 0:
         raise ValueError(f"data: the {split} split has fewer than seq_len+1 tokens")
