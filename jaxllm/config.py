@@ -302,6 +302,29 @@ def padded_vocab(size: int, multiple: int = 128) -> int:
     return -(-size // multiple) * multiple
 
 
+def reference_markdown() -> str:
+    """The config reference table (README), generated from `defaults()` and its comments."""
+    import inspect
+    import re
+    src = inspect.getsource(defaults)
+    prefix = {}
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for line in src.splitlines():
+        sec = re.match(r"\s*c\.(\w+) = (\w+) = ConfigDict\(\)", line)
+        if sec:
+            prefix[sec.group(2)] = sec.group(1)
+            continue
+        m = re.match(r"\s*(\w+)\.(\w+) = (.+?)\s+# (.+)$", line)
+        if m and m.group(1) in prefix:
+            section, key = prefix[m.group(1)], m.group(2)
+            value = defaults()[section][key]
+            shown = "`None`" if value is None else f"`{value!r}`"
+            if key == "rules":
+                shown = "see below"
+            rows.append(f"| `{section}.{key}` | {shown} | {m.group(4).replace('|', '/')} |")
+    return "\n".join(rows)
+
+
 # Keys that fix the shapes of parameters: a checkpoint restores only under equal values.
 SHAPE_KEYS = (
     "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
