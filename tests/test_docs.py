@@ -14,7 +14,8 @@ def readme():
 
 def test_config_reference_is_current():
     text = readme()
-    block = text.split("<!-- config-reference:start -->\n")[1].split("\n<!-- config-reference:end")[0]
+    start, end = "<!-- config-reference:start -->\n", "\n<!-- config-reference:end"
+    block = text.split(start)[1].split(end)[0]
     assert block == reference_markdown()
 
 
