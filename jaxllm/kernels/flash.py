@@ -14,10 +14,13 @@ Kernels (Triton lowering on GPU; `interpret=True`, chosen automatically on CPU):
 - dq, grid (batch, q head, q block): loops over kv blocks;
 - dk/dv, grid (batch, kv head, kv block): loops over the q heads of its group (GQA: q head
   h reads kv head h // (H // K)) and over q blocks, so no cross-program reduction is needed.
-A (q block, kv block) tile in which no pair is visible (above the causal diagonal, or
-between different documents of a packed row, or all padding) is skipped with a branch:
-its k/v tiles are not loaded and no matmul or exp runs. The test is exact (it looks at
-the tile's ids and positions), so it also skips cross-document tiles of packed rows.
+Block sparsity: before each kernel, `tile_classes` sorts every (q tile, kv tile) pair from
+per-tile min/max of segment ids and positions into "nothing visible" (skipped: the loop
+only runs over each row's first to last live tile and branches past dead ones inside, so
+their k/v tiles are never loaded), "all visible" (no mask is computed) and "some visible"
+(masked). This covers the causal upper triangle, the cross-document tiles of packed rows
+and padding, and holds for any ids and positions (no assumption that positions follow the
+index order).
 
 Shapes: sequence lengths are padded here to a multiple of the block sizes (padding gets
 segment id 0, so it is masked and sliced off again; this costs one copy of q/k/v, so
@@ -80,8 +83,51 @@ def _tile_mask(q_seg, q_pos, kv_seg, kv_pos, causal):
     return mask
 
 
-def _any(mask):
-    return jnp.max(jnp.max(mask.astype(jnp.int32), axis=1), axis=0) > 0
+def tile_classes(q_seg, q_pos, kv_seg, kv_pos, block_q, block_k, causal):
+    """[B, nq, nk] int32 class of each (q tile, kv tile) pair.
+
+    0: no pair can be visible (skipped); 2: every pair is visible (no mask computed);
+    1: otherwise (masked). Decided from per-tile min/max of ids and positions, so classes 0
+    and 2 are certain and 1 is "maybe": correct for any ids and positions, O(T/bq * S/bk).
+    """
+    big = jnp.iinfo(jnp.int32).max
+
+    def stats(seg, pos, blk, kv):
+        """Per tile: min/max segment id and position over real tokens (id > 0), raw min id."""
+        seg, pos = seg.reshape(seg.shape[0], -1, blk), pos.reshape(pos.shape[0], -1, blk)
+        real = seg > 0
+        out = (jnp.min(jnp.where(real, seg, big), -1), jnp.max(seg, -1), jnp.min(seg, -1),
+               jnp.min(jnp.where(real, pos, big), -1), jnp.max(jnp.where(real, pos, -big), -1))
+        return [x[:, None, :] if kv else x[:, :, None] for x in out]
+
+    qs_lo, qs_hi, qs_raw, qp_lo, qp_hi = stats(q_seg, q_pos, block_q, False)
+    ks_lo, ks_hi, ks_raw, kp_lo, kp_hi = stats(kv_seg, kv_pos, block_k, True)
+    maybe = (qs_lo <= ks_hi) & (ks_lo <= qs_hi)  # some equal real id (false if none real)
+    full = (qs_raw == qs_hi) & (ks_raw == ks_hi) & (qs_hi == ks_hi) & (ks_raw > 0)
+    if causal:
+        maybe &= kp_lo <= qp_hi
+        full &= kp_hi <= qp_lo
+    return jnp.where(full, 2, maybe.astype(jnp.int32))
+
+
+def _plan(cls):
+    """[B, m, n] classes -> [B, m, n + 2]: each row's classes, then its [lo, hi) tile range."""
+    idx = jnp.arange(cls.shape[2], dtype=jnp.int32)
+    lo = jnp.min(jnp.where(cls > 0, idx, cls.shape[2]), axis=2, keepdims=True)
+    hi = jnp.max(jnp.where(cls > 0, idx + 1, 0), axis=2, keepdims=True)
+    return jnp.concatenate([cls, lo, hi], axis=2)
+
+
+def _tile_loop(plan_ref, visit, carry):
+    """fori over tiles plan[n]..plan[n + 1]: visit(j, carry, masked) by class, 0 skipped."""
+    n = plan_ref.shape[0] - 2
+
+    def body(j, carry):
+        branches = [lambda c: c, functools.partial(visit, j, masked=True),
+                    functools.partial(visit, j, masked=False)]
+        return lax.switch(plan_ref[j], branches, carry)
+
+    return lax.fori_loop(plan_ref[n], plan_ref[n + 1], body, carry)
 
 
 def _scores(q, k, q_pos, kv_pos, slope, cfg):
@@ -92,91 +138,80 @@ def _scores(q, k, q_pos, kv_pos, slope, cfg):
     return s
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, *refs, cfg, block_k):
+def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, plan_ref, *refs, cfg,
+                block_k):
     slopes_ref, o_ref, lse_ref = refs if cfg.alibi else (None, *refs)
     slope = slopes_ref[pl.program_id(1)] if cfg.alibi else None
     q, q_seg, q_pos = q_ref[...], qs_ref[...], qp_ref[...]
     bq, dp = q.shape
 
-    def body(j, carry):
+    def visit(j, carry, masked):
+        acc, m, l = carry
         sl = pl.ds(j * block_k, block_k)
-        kv_pos = kp_ref[sl]
-        mask = _tile_mask(q_seg, q_pos, ks_ref[sl], kv_pos, cfg.causal)
-
-        def visit(carry):
-            acc, m, l = carry
-            v = v_ref[sl, :]
-            s = jnp.where(mask, _scores(q, k_ref[sl, :], q_pos, kv_pos, slope, cfg), MASKED)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
-            corr = jnp.exp2(m - m_new)
-            acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
-            return acc, m_new, l * corr + jnp.sum(p, axis=1)
-
-        return lax.cond(_any(mask), visit, lambda c: c, carry)
+        kv_pos, v = kp_ref[sl], v_ref[sl, :]
+        s = _scores(q, k_ref[sl, :], q_pos, kv_pos, slope, cfg)
+        if masked:
+            mask = _tile_mask(q_seg, q_pos, ks_ref[sl], kv_pos, cfg.causal)
+            s = jnp.where(mask, s, MASKED)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.exp2(s - m_new[:, None])
+        if masked:
+            p = jnp.where(mask, p, 0.0)
+        corr = jnp.exp2(m - m_new)
+        acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
+        return acc, m_new, l * corr + jnp.sum(p, axis=1)
 
     init = (jnp.zeros((bq, dp), jnp.float32), jnp.full((bq,), MASKED, jnp.float32),
             jnp.zeros((bq,), jnp.float32))
-    acc, m, l = lax.fori_loop(0, k_ref.shape[0] // block_k, body, init)
+    acc, m, l = _tile_loop(plan_ref, visit, init)
     l_safe = jnp.where(l > 0, l, 1.0)  # rows that see no key (padding) return zeros
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log2(l_safe)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, qp_ref, ks_ref, kp_ref,
-               *refs, cfg, block_k):
+               plan_ref, *refs, cfg, block_k):
     slopes_ref, dq_ref = refs if cfg.alibi else (None, *refs)
     slope = slopes_ref[pl.program_id(1)] if cfg.alibi else None
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     q_seg, q_pos = qs_ref[...], qp_ref[...]
 
-    def body(j, dq):
+    def visit(j, dq, masked):
         sl = pl.ds(j * block_k, block_k)
-        kv_pos = kp_ref[sl]
-        mask = _tile_mask(q_seg, q_pos, ks_ref[sl], kv_pos, cfg.causal)
+        k, v, kv_pos = k_ref[sl, :], v_ref[sl, :], kp_ref[sl]
+        p = jnp.exp2(_scores(q, k, q_pos, kv_pos, slope, cfg) - lse[:, None])
+        if masked:
+            p = jnp.where(_tile_mask(q_seg, q_pos, ks_ref[sl], kv_pos, cfg.causal), p, 0.0)
+        ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
 
-        def visit(dq):
-            k, v = k_ref[sl, :], v_ref[sl, :]
-            s = _scores(q, k, q_pos, kv_pos, slope, cfg)
-            p = jnp.where(mask, jnp.exp2(s - lse[:, None]), 0.0)
-            ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
-            return dq + _dot(ds.astype(k.dtype), k)
-
-        return lax.cond(_any(mask), visit, lambda x: x, dq)
-
-    dq = lax.fori_loop(0, k_ref.shape[0] // block_k, body, jnp.zeros(q.shape, jnp.float32))
+    dq = _tile_loop(plan_ref, visit, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, qp_ref, ks_ref, kp_ref,
-                *refs, cfg, block_q):
+                plan_ref, *refs, cfg, block_q):
     slopes_ref, dk_ref, dv_ref = refs if cfg.alibi else (None, *refs)
     k, v, kv_seg, kv_pos = k_ref[...], v_ref[...], ks_ref[...], kp_ref[...]
-    n_q, groups = q_ref.shape[0] // block_q, q_ref.shape[1]
 
     def head(g, carry):
         slope = slopes_ref[g] if cfg.alibi else None
 
-        def body(i, carry):
+        def visit(i, carry, masked):
+            dk, dv = carry
             sl = pl.ds(i * block_q, block_q)
-            q_pos = qp_ref[sl]
-            mask = _tile_mask(qs_ref[sl], q_pos, kv_seg, kv_pos, cfg.causal)
+            q, do, q_pos = q_ref[sl, g, :], do_ref[sl, g, :], qp_ref[sl]
+            p = jnp.exp2(_scores(q, k, q_pos, kv_pos, slope, cfg) - lse_ref[g, sl][:, None])
+            if masked:
+                p = jnp.where(_tile_mask(qs_ref[sl], q_pos, kv_seg, kv_pos, cfg.causal), p, 0.0)
+            dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
+            ds = p * (_dot(do, v, (1, 1)) - delta_ref[g, sl][:, None])
+            return dk + _dot(ds.astype(q.dtype), q, (0, 0)), dv
 
-            def visit(carry):
-                dk, dv = carry
-                q, do = q_ref[sl, g, :], do_ref[sl, g, :]
-                s = _scores(q, k, q_pos, kv_pos, slope, cfg)
-                p = jnp.where(mask, jnp.exp2(s - lse_ref[g, sl][:, None]), 0.0)
-                dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
-                ds = p * (_dot(do, v, (1, 1)) - delta_ref[g, sl][:, None])
-                return dk + _dot(ds.astype(q.dtype), q, (0, 0)), dv
-
-            return lax.cond(_any(mask), visit, lambda c: c, carry)
-
-        return lax.fori_loop(0, n_q, body, carry)
+        return _tile_loop(plan_ref, visit, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, groups, head, (zeros, zeros))
+    dk, dv = lax.fori_loop(0, q_ref.shape[1], head, (zeros, zeros))
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -197,8 +232,10 @@ def _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg):
     kv_all = pl.BlockSpec((None, s, None, dp), lambda bi, hi, i: (bi, 0, hi // g, 0))
     ids_q = pl.BlockSpec((None, bq), lambda bi, hi, i: (bi, i))
     ids_kv = pl.BlockSpec((None, s), lambda bi, hi, i: (bi, 0))
-    in_specs = [q_blk, kv_all, kv_all, ids_q, ids_q, ids_kv, ids_kv]
-    args = [q, k, v, q_seg, q_pos, kv_seg, kv_pos]
+    plan = _plan(tile_classes(q_seg, q_pos, kv_seg, kv_pos, bq, cfg.blocks.block_k, cfg.causal))
+    plan_spec = pl.BlockSpec((None, None, plan.shape[2]), lambda bi, hi, i: (bi, i, 0))
+    in_specs = [q_blk, kv_all, kv_all, ids_q, ids_q, ids_kv, ids_kv, plan_spec]
+    args = [q, k, v, q_seg, q_pos, kv_seg, kv_pos, plan]
     if cfg.alibi:
         in_specs.append(pl.BlockSpec((h,), lambda bi, hi, i: (0,)))
         args.append(slopes)
@@ -222,8 +259,11 @@ def _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse, do, cfg):
     row_blk = pl.BlockSpec((None, None, bq), lambda bi, hi, i: (bi, hi, i))
     ids_q = pl.BlockSpec((None, bq), lambda bi, hi, i: (bi, i))
     ids_kv = pl.BlockSpec((None, s), lambda bi, hi, i: (bi, 0))
-    in_specs = [q_blk, kv_all, kv_all, q_blk, row_blk, row_blk, ids_q, ids_q, ids_kv, ids_kv]
-    args = [q, k, v, do, lse, delta, q_seg, q_pos, kv_seg, kv_pos]
+    plan = _plan(tile_classes(q_seg, q_pos, kv_seg, kv_pos, bq, bk, cfg.causal))
+    plan_spec = pl.BlockSpec((None, None, plan.shape[2]), lambda bi, hi, i: (bi, i, 0))
+    in_specs = [q_blk, kv_all, kv_all, q_blk, row_blk, row_blk, ids_q, ids_q, ids_kv, ids_kv,
+                plan_spec]
+    args = [q, k, v, do, lse, delta, q_seg, q_pos, kv_seg, kv_pos, plan]
     if cfg.alibi:
         in_specs.append(pl.BlockSpec((h,), lambda bi, hi, i: (0,)))
         args.append(slopes)
@@ -236,10 +276,13 @@ def _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse, do, cfg):
     row_grp = pl.BlockSpec((None, None, g, t), lambda bi, ki, j: (bi, ki, 0, 0))
     ids_q = pl.BlockSpec((None, t), lambda bi, ki, j: (bi, 0))
     ids_kv = pl.BlockSpec((None, bk), lambda bi, ki, j: (bi, j))
-    in_specs = [q_grp, kv_blk, kv_blk, q_grp, row_grp, row_grp, ids_q, ids_q, ids_kv, ids_kv]
+    plan = _plan(tile_classes(q_seg, q_pos, kv_seg, kv_pos, bq, bk, cfg.causal).swapaxes(1, 2))
+    plan_spec = pl.BlockSpec((None, None, plan.shape[2]), lambda bi, ki, j: (bi, j, 0))
+    in_specs = [q_grp, kv_blk, kv_blk, q_grp, row_grp, row_grp, ids_q, ids_q, ids_kv, ids_kv,
+                plan_spec]
     grp = (b, t, kh, g, dp)
     args = [q.reshape(grp), k, v, do.reshape(grp), lse.reshape(b, kh, g, t),
-            delta.reshape(b, kh, g, t), q_seg, q_pos, kv_seg, kv_pos]
+            delta.reshape(b, kh, g, t), q_seg, q_pos, kv_seg, kv_pos, plan]
     if cfg.alibi:
         in_specs.append(pl.BlockSpec((None, g), lambda bi, ki, j: (ki, 0)))
         args.append(slopes.reshape(kh, g))
