@@ -77,7 +77,7 @@ def defaults() -> ConfigDict:
     o.wsd_decay_fraction = 0.2  # wsd: share of steps spent in the final decay
     o.b1 = config_dict.placeholder(float)  # first-moment decay; None = optimizer default
     o.b2 = config_dict.placeholder(float)  # second-moment decay; None = optimizer default
-    o.eps = 1e-8  # Adam epsilon
+    o.eps = config_dict.placeholder(float)  # epsilon; None = default (Adam 1e-8, Sophia 1e-12)
     o.weight_decay = config_dict.placeholder(float)  # decoupled; None = optimizer default
     o.decay_embeddings = False  # apply weight decay to embedding tables
     o.clip = 1.0  # global gradient-norm clip; 0 = off
@@ -224,7 +224,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         _typed(cfg, key, float, lo=0.0, optional=True)
     for key in ("optim.b1", "optim.b2"):
         _typed(cfg, key, float, lo=0.0, hi=1.0, optional=True)
-    _typed(cfg, "optim.eps", float, lo=0.0)
+    _typed(cfg, "optim.eps", float, lo=0.0, optional=True)
     _typed(cfg, "optim.clip", float, lo=0.0)
     _typed(cfg, "optim.min_lr_ratio", float, lo=0.0, hi=1.0)
     _typed(cfg, "optim.wsd_decay_fraction", float, lo=0.0, hi=1.0)
