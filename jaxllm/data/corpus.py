@@ -168,7 +168,7 @@ def _parquet_docs(path: str, field: str, bad: BadRecords):
 
     try:
         pf = pq.ParquetFile(path)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types
+    except Exception as e:
         raise ValueError(f"data.path: {path} is not a readable Parquet file ({e})") from e
     names = pf.schema_arrow.names
     if field not in names:

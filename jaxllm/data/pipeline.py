@@ -273,6 +273,8 @@ _LIVE = weakref.WeakSet()
 
 @atexit.register
 def _close_prefetchers() -> None:
-    """Stop prefetch threads before interpreter teardown (else grain's __del__ prints noise)."""
+    """Stop prefetch threads at exit; grain's __del__ would run again during interpreter
+    teardown (module globals gone) and print tracebacks, so it is disabled then."""
     for it in list(_LIVE):
         it.close()
+    grain.experimental.ThreadPrefetchDatasetIterator.__del__ = lambda self: None

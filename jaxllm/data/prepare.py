@@ -78,9 +78,8 @@ def prepare(files: list[str], out_dir: str, tokenizer_spec: str, *, text_field: 
 
     tok = load_tokenizer(tokenizer_spec)
     out = pathlib.Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(f"output: {out} exists and is not empty (pass --overwrite)")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"output: {out} exists and is not empty (pass --overwrite)")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -78,9 +78,9 @@ def train_tokenizer(files: list[str], kind: str, vocab_size: int, output: str, *
 
 
 def _train_sentencepiece(lines, model_type: str, vocab_size: int, out: pathlib.Path) -> None:
-    import sentencepiece as spm
-
     import itertools
+
+    import sentencepiece as spm
 
     first = next(lines, None)
     if first is None:

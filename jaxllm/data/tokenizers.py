@@ -78,7 +78,7 @@ class SentencePieceTokenizer(_TableTokenizer):
         proto = pb.ModelProto()
         try:
             proto.ParseFromString(data)
-        except Exception as e:  # noqa: BLE001 - protobuf raises its own DecodeError
+        except Exception as e:
             raise ValueError(f"data.tokenizer: {path} is not a SentencePiece model ({e})") from e
         if not proto.pieces:
             raise ValueError(f"data.tokenizer: {path} is not a SentencePiece model (no pieces)")
@@ -94,7 +94,7 @@ class SentencePieceTokenizer(_TableTokenizer):
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(proto.SerializeToString())
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise ValueError(f"data.tokenizer: {path} is a corrupt SentencePiece model ({e})") from e
         mtype = {1: "unigram", 2: "bpe"}.get(proto.trainer_spec.model_type, "other")
         self.kind = f"sentencepiece_{mtype}"
@@ -144,7 +144,7 @@ class ByteLevelBPETokenizer(_TableTokenizer):
         try:
             spec = json.loads(data)
             self.tok = Tokenizer.from_str(data.decode("utf-8"))
-        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
+        except Exception as e:
             raise ValueError(f"data.tokenizer: {path} is not a valid tokenizers .json ({e})") from e
 
         def types(node) -> set:
