@@ -48,7 +48,7 @@ class ByteTokenizer:
 
     def token_bytes(self, ids) -> np.ndarray:
         ids = np.asarray(ids)
-        return (ids < 256).astype(np.int32)
+        return ((ids >= 0) & (ids < 256)).astype(np.int32)
 
 
 class _TableTokenizer:
