@@ -76,3 +76,18 @@ def test_exported_workdir_loads_with_tokenizer(tmp_path):
     x = np.asarray([tok(text)["input_ids"][:16]])
     err = np.abs(hf_logits(tmp_path / "out", x) - np.asarray(model(jnp.asarray(x)))).max()
     assert err < TOL
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece_bpe", "byte_bpe"])
+def test_exported_trained_tokenizers_encode_like_jaxllm(tmp_path, kind):
+    from jaxllm.data.tokenizer_training import train_tokenizer
+    from jaxllm.data.tokenizers import load_tokenizer
+    (tmp_path / "c.txt").write_text(open(json.__file__).read() * 2)
+    spec = train_tokenizer([str(tmp_path / "c.txt")], kind, 400, str(tmp_path / kind),
+                           progress=False)
+    (tmp_path / "out").mkdir()
+    write_tokenizer(spec, tmp_path / "out", 64)
+    ours, theirs = load_tokenizer(spec), transformers.AutoTokenizer.from_pretrained(
+        str(tmp_path / "out"))
+    for text in ["import json\n    x = {'a': 1}  # ü", " leading space", "two  spaces\n\nend"]:
+        assert theirs(text)["input_ids"] == ours.encode(text)
