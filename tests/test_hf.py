@@ -291,14 +291,18 @@ def test_export_restores_parameters_only_onto_one_device(tmp_path):
 def test_clis_round_trip_and_error_contract(tmp_path):
     _, _, _, tensors = _save_hf("mpt", tmp_path / "hf")
     wd, out = tmp_path / "wd", tmp_path / "out"
+    # imported sharded over 8 simulated devices (fsdp 2 x tensor 2 x data 2) ...
     r = run_cli(["tools/import_hf.py", f"--hf_dir={tmp_path / 'hf'}", f"--workdir={wd}",
-                 "--config.data.seq_len=16", "--config.train.batch_size=2"])
+                 "--config.data.seq_len=16", "--config.train.batch_size=4",
+                 "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
+                env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert r.returncode == 0, r.stderr
     assert f"jaxllm-train --config={wd}/config.py --workdir={wd}" in r.stdout
     saved = json.loads((wd / "config.json").read_text())
     assert saved["model"]["activation"] == "gelu_exact"
     # the directory's tokenizer.json is copied into the workdir and used from there
     assert saved["data"]["tokenizer"] == str((wd / "tokenizer.json").resolve())
+    # ... and exported by a one-device process
     r = run_cli(["tools/export_hf.py", f"--workdir={wd}", f"--out={out}"])
     assert r.returncode == 0, r.stderr
     assert "exported step 0 as MptForCausalLM" in r.stdout
