@@ -88,29 +88,15 @@ def byte_tokenizer_json() -> str:
     byte b -> id b (GPT-2's printable byte alphabet), then <pad> 256, <s> 257, </s> 258."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    byte_of = _byte_alphabet()
-    assert sorted(alphabet) == sorted(byte_of)
-    vocab = {ch: b for ch, b in byte_of.items()}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    from jaxllm.data.tokenizers import _bytes_to_unicode  # GPT-2's {char: byte} map
+    byte_of = _bytes_to_unicode()
+    assert sorted(pre_tokenizers.ByteLevel.alphabet()) == sorted(byte_of)
+    tok = Tokenizer(models.BPE(vocab=dict(byte_of), merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(BYTE_SPECIALS))
     assert all(tok.token_to_id(t) == i for t, i in BYTE_SPECIALS.items())
     return tok.to_str()
-
-
-def _byte_alphabet() -> dict[str, int]:
-    """GPT-2's reversible byte -> printable character map, as {char: byte}."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 def write_tokenizer(spec: str, out: pathlib.Path, seq_len: int) -> dict:
