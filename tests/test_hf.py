@@ -278,18 +278,28 @@ def test_checkpoint_round_trip_through_workdir(tmp_path, name):
     assert json.loads((tmp_path / "out" / "jaxllm.json").read_text())["tokenizer"] == "byte"
 
 
-def test_export_restores_parameters_only_onto_one_device(tmp_path):
-    _save_hf("llama", tmp_path / "hf")
+def test_export_bfloat16_trimmed_and_parameters_only(tmp_path):
+    import ml_dtypes
+
+    from jaxllm.hf import load_workdir_config, read_hf
+    _, _, hf, tensors = _save_hf("llama", tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "wd", tiny_cfg(), tokenizer="byte")
-    from jaxllm.hf import load_workdir_config
     step, params = restore_params(load_workdir_config(tmp_path / "wd"), tmp_path / "wd")
     assert step == 0 and set(params) == {"embed", "blocks", "ln_f"}
     with pytest.raises(ConfigError, match=r"--step: 7 is not among the checkpoints \[0\]"):
         restore_params(load_workdir_config(tmp_path / "wd"), tmp_path / "wd", step=7)
+    export_hf(tmp_path / "wd", tmp_path / "bf", dtype="bfloat16", trim_vocab=True, step=0)
+    hf2, t2 = read_hf(tmp_path / "bf")
+    assert hf2["torch_dtype"] == "bfloat16" and hf2["vocab_size"] == 259
+    for k, x in tensors.items():
+        want = x[:259] if k == "model.embed_tokens.weight" else x
+        assert t2[k].dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(t2[k], want.astype(ml_dtypes.bfloat16))
 
 
 def test_clis_round_trip_and_error_contract(tmp_path):
     _, _, _, tensors = _save_hf("mpt", tmp_path / "hf")
+    params = make("mpt")[2]
     wd, out = tmp_path / "wd", tmp_path / "out"
     # imported sharded over 8 simulated devices (fsdp 2 x tensor 2 x data 2) ...
     r = run_cli(["tools/import_hf.py", f"--hf_dir={tmp_path / 'hf'}", f"--workdir={wd}",
@@ -310,6 +320,26 @@ def test_clis_round_trip_and_error_contract(tmp_path):
     for k in tensors:
         np.testing.assert_array_equal(again[k], tensors[k])
     assert (out / "tokenizer.json").read_text() == (tmp_path / "hf" / "tokenizer.json").read_text()
+    # continued pre-training: jaxllm-train resumes the step-0 checkpoint; its first loss is
+    # the loss of the original model on the first batch
+    r = run_cli(["-m", "jaxllm.train", f"--config={wd}/config.py", f"--workdir={wd}",
+                 "--config.train.steps=1", "--config.train.log_every=1",
+                 "--config.mesh.fsdp=1", "--config.mesh.tensor=1",
+                 "--config.train.sample_tokens=0", "--config.train.eval_batches=1",
+                 "--config.log.tensorboard=false", "--config.log.progress=false"])
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in open(wd / "metrics.jsonl")]
+    assert {"event": "restored", "step": 0} in rows
+    loss = next(r["loss"] for r in rows if r.get("split") == "train")
+    from jaxllm.data.pipeline import make_pipeline
+    from jaxllm.hf import load_workdir_config
+    from jaxllm.train.loop import resolve
+    from jaxllm.train.step import forward_sums
+    cfg = load_workdir_config(wd)
+    batch = next(iter(make_pipeline(cfg, resolve(cfg), "train", 0, 1)))
+    nll, _, _, w = forward_sums(ModelDef(abstract_model(cfg)[0], cfg), params,
+                                {k: jnp.asarray(v) for k, v in batch.items()}, 0)
+    assert loss == pytest.approx(float(nll / w.sum()), rel=1e-5)
     # errors: one line, exit 2, nothing written
     r = run_cli(["tools/export_hf.py", f"--workdir={wd}", f"--out={out}"])
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [

@@ -144,7 +144,7 @@ def export_hf(workdir, out, *, step=None, dtype=None, trim_vocab=False, tokenize
     """Write the Hugging Face directory `out` for the workdir's checkpoint; returns a summary."""
     from safetensors.numpy import save_file
 
-    from jaxllm.model.layers import DTYPES
+    from jaxllm.config import DTYPES
     cfg = load_workdir_config(workdir)
     fam = family(cfg.model)  # refuse before reading any checkpoint
     if dtype is not None and dtype not in DTYPES:
@@ -160,7 +160,8 @@ def export_hf(workdir, out, *, step=None, dtype=None, trim_vocab=False, tokenize
     got_step, params = restore_params(cfg, workdir, step)
     hf, tensors = to_hf(cfg, params, vocab=vocab)
     if dtype is not None:
-        tensors = {k: v.astype(DTYPES[dtype]) for k, v in tensors.items()}
+        from jaxllm.model.layers import DTYPES as NP_DTYPES
+        tensors = {k: np.asarray(v.astype(NP_DTYPES[dtype])) for k, v in tensors.items()}
         hf["torch_dtype"] = dtype
     out.mkdir(parents=True, exist_ok=True)
     ids = write_tokenizer(spec, out, cfg.data.seq_len)
@@ -247,6 +248,12 @@ def get_config(arg=None):
 def import_hf(hf_dir, workdir, cfg, tokenizer=None) -> dict:
     """Create `workdir` with a step-0 checkpoint of the Hugging Face model in `hf_dir`.
     `cfg` supplies everything but the architecture (data, optimizer, training, mesh)."""
+    d, wd = pathlib.Path(hf_dir), pathlib.Path(workdir)
+    if (wd / "checkpoints").exists() and any((wd / "checkpoints").iterdir()):
+        raise ConfigError(f"{wd}: already holds checkpoints; use a new --workdir")
+    hf, tensors = read_hf(d)
+    keys, params = from_hf(hf, tensors, str(d / "config.json"))
+
     import jax
     import jax.numpy as jnp
 
@@ -256,11 +263,6 @@ def import_hf(hf_dir, workdir, cfg, tokenizer=None) -> dict:
     from jaxllm.train.loop import resolve
     from jaxllm.train.state import abstract_state
 
-    d, wd = pathlib.Path(hf_dir), pathlib.Path(workdir)
-    if (wd / "checkpoints").exists() and any((wd / "checkpoints").iterdir()):
-        raise ConfigError(f"{wd}: already holds checkpoints; use a new --workdir")
-    hf, tensors = read_hf(d)
-    keys, params = from_hf(hf, tensors, str(d / "config.json"))
     cfg.model.update(keys)
     cfg.data.tokenizer = _tokenizer_for_import(d, wd, tokenizer)
     tok = resolve(cfg)  # validates; the vocabulary must cover the tokenizer
