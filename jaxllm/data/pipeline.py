@@ -39,6 +39,7 @@ import weakref
 import grain
 import numpy as np
 
+from jaxllm.config import ConfigError
 from jaxllm.data.corpus import embedded_documents, expand_inputs
 from jaxllm.data.prepare import PreparedData, cache_dir_for, eval_mask, prepare
 
@@ -182,7 +183,9 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
 
 
 def open_prepared(path: str, cfg, tokenizer, key: str) -> PreparedData:
-    """A prepared directory, or raw files/globs prepared once into a cache beside them."""
+    """A prepared directory, or raw files/globs prepared once into a cache beside them (in
+    this process: no worker processes inside a training job; for big corpora run
+    tools/prepare_data.py, which tokenizes in parallel)."""
     import pathlib
 
     p = pathlib.Path(path).expanduser()
@@ -194,7 +197,7 @@ def open_prepared(path: str, cfg, tokenizer, key: str) -> PreparedData:
         if not (cache / "manifest.json").exists():
             try:
                 prepare(files, str(cache), cfg.data.tokenizer, text_field=cfg.data.text_field,
-                        progress=False, overwrite=True)
+                        workers=1, progress=False, overwrite=True)
             except OSError:  # another process finished first: use its copy
                 if not (cache / "manifest.json").exists():
                     raise
@@ -236,7 +239,19 @@ def _pad_and_slice(batch: dict, size: int, index: int, count: int, pad_id: int) 
 
 def make_pipeline(cfg, tokenizer, split: str = "train", process_index: int = 0,
                   process_count: int = 1, batch_size: int | None = None):
-    """A checkpointable iterator of per-process batches (dict of [local_batch, seq_len])."""
+    """A checkpointable iterator of per-process batches (dict of [local_batch, seq_len]).
+
+    Bad data settings or files raise ConfigError (a ValueError) naming the key and file.
+    """
+    try:
+        return _make_pipeline(cfg, tokenizer, split, process_index, process_count, batch_size)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _make_pipeline(cfg, tokenizer, split, process_index, process_count, batch_size):
     batch_size = batch_size or cfg.train.batch_size
     if batch_size % process_count:
         raise ValueError(f"train.batch_size {batch_size} not divisible by {process_count} processes")
