@@ -22,6 +22,8 @@ Packing (`data.packing`):
 
 Train: shuffled from `train.seed`, repeated forever, each process reads the disjoint
 elements `process_index::process_count` (of the shuffled, mixed stream, before packing).
+With `concat` the global batch of a step holds the same windows for any process count;
+with `first_fit` each process packs its own elements, so rows depend on the process count.
 Eval: deterministic and finite (one pass); every process walks the same global rows and
 takes its slice of each global batch, the last global batch padded with segment-0 rows, so
 all processes see the same number of batches. Padding anywhere (first-fit rows, padded eval
@@ -51,10 +53,14 @@ READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
 
 def token_stream(tokenizer, documents) -> np.ndarray:
     """Concatenate encoded documents, each followed by EOS."""
+    texts = [text for _, text in documents]
+    if hasattr(tokenizer, "encode_batch"):
+        encoded = tokenizer.encode_batch(texts)
+    else:
+        encoded = map(getattr(tokenizer, "encode_array", tokenizer.encode), texts)
     parts = []
-    encode = getattr(tokenizer, "encode_array", tokenizer.encode)
-    for _, text in documents:
-        parts.append(np.asarray(encode(text), dtype=np.int32))
+    for ids in encoded:
+        parts.append(np.asarray(ids, dtype=np.int32))
         parts.append(np.asarray([tokenizer.eos_id], dtype=np.int32))
     return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
 
@@ -197,8 +203,8 @@ def open_prepared(path: str, cfg, tokenizer, key: str) -> PreparedData:
         if not (cache / "manifest.json").exists():
             try:
                 prepare(files, str(cache), cfg.data.tokenizer, text_field=cfg.data.text_field,
-                        workers=1, progress=False, overwrite=True)
-            except OSError:  # another process finished first: use its copy
+                        workers=1, progress=False)
+            except (OSError, ValueError):  # another process finished first: use its copy
                 if not (cache / "manifest.json").exists():
                     raise
         data = PreparedData(str(cache), key)

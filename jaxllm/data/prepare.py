@@ -141,9 +141,13 @@ def prepare(files: list[str], out_dir: str, tokenizer_spec: str, *, text_field: 
         "bad_records": dict(bad.counts, total=bad.total),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        if out.exists() and overwrite:
+            shutil.rmtree(out)
+        os.replace(tmp, out)  # fails (OSError) if another writer's copy appeared meanwhile
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return manifest
 
 
