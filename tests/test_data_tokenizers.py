@@ -148,8 +148,9 @@ def test_train_tokenizer_cli(tmp_path, capsys):
     from tools.train_tokenizer import main
 
     src = tmp_path / "docs.jsonl"
-    src.write_text("\n".join(json.dumps({"text": pathlib.Path(json.__file__).read_text()[i:i + 500]})
-                             for i in range(0, 10000, 500)) + "\n{broken\n")
+    body = pathlib.Path(json.__file__).read_text()
+    src.write_text("\n".join(json.dumps({"text": body[i:i + 500]}) for i in range(0, 10000, 500))
+                   + "\n{broken\n")
     out = tmp_path / "bpe"
     assert main(["--kind=byte_bpe", "--vocab_size=300", f"--output={out}",
                  "--input", str(src), "--no_progress"]) == 0

@@ -260,7 +260,8 @@ def make_pipeline(cfg, tokenizer, split: str = "train", process_index: int = 0,
 def _make_pipeline(cfg, tokenizer, split, process_index, process_count, batch_size):
     batch_size = batch_size or cfg.train.batch_size
     if batch_size % process_count:
-        raise ValueError(f"train.batch_size {batch_size} not divisible by {process_count} processes")
+        raise ValueError(f"train.batch_size: {batch_size} is not divisible by "
+                         f"{process_count} processes")
     if split not in ("train", "eval"):
         raise ValueError(f"split: got {split!r}; allowed: train, eval")
     seq_len, packing, seed = cfg.data.seq_len, cfg.data.packing, cfg.train.seed
@@ -281,8 +282,8 @@ def _make_pipeline(cfg, tokenizer, split, process_index, process_count, batch_si
         if packing == "concat":
             it = ds.batch(local, drop_remainder=True).to_iter_dataset(READ)
         else:
-            it = first_fit(ds.to_iter_dataset(READ), seq_len, seed, True, bins, tokenizer.pad_id).batch(
-                local, drop_remainder=True)
+            it = first_fit(ds.to_iter_dataset(READ), seq_len, seed, True, bins,
+                           tokenizer.pad_id).batch(local, drop_remainder=True)
     else:
         ds = grain.MapDataset.concatenate([ds for ds, _ in sources])
         it = ds.to_iter_dataset(READ)

@@ -76,8 +76,9 @@ def prepare(files: list[str], out_dir: str, tokenizer_spec: str, *, text_field: 
     where SentencePiece and `tokenizers` still encode each chunk on their own threads) with a
     tqdm bar. Worker processes are started with "spawn" (safe beside JAX's threads), which
     re-imports the `__main__` module: call this from a script under
-    `if __name__ == "__main__":` (as tools/prepare_data.py does), or use workers=1. Bad records are counted, never fatal. Returns the manifest. The
-    directory appears atomically (written under a temporary name, then renamed).
+    `if __name__ == "__main__":` (as tools/prepare_data.py does), or use workers=1.
+    Bad records are counted, never fatal. Returns the manifest. The directory appears
+    atomically (written under a temporary name, then renamed).
     """
     from tqdm import tqdm
 

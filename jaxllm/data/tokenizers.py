@@ -97,7 +97,8 @@ class SentencePieceTokenizer(_TableTokenizer):
         try:
             self.sp.LoadFromSerializedProto(proto.SerializeToString())
         except Exception as e:
-            raise ValueError(f"data.tokenizer: {path} is a corrupt SentencePiece model ({e})") from e
+            raise ValueError(
+                f"data.tokenizer: {path} is a corrupt SentencePiece model ({e})") from e
         mtype = {1: "unigram", 2: "bpe"}.get(proto.trainer_spec.model_type, "other")
         self.kind = f"sentencepiece_{mtype}"
         self.vocab_size = self.sp.get_piece_size()
