@@ -105,13 +105,14 @@ def test_decay_mask_uses_names_not_ndim():
         "wpe": {"embedding": jnp.zeros((6, 4))},
         # stacked (scanned) layers: norm scale and biases are 2-D
         "layers": {"ln1": {"scale": jnp.zeros((3, 4)), "bias": jnp.zeros((3, 4))},
-                   "mlp": {"kernel": jnp.zeros((3, 4, 8)), "bias": jnp.zeros((3, 8))}},
+                   "mlp": {"kernel": jnp.zeros((3, 4, 8)), "bias": jnp.zeros((3, 8)),
+                           "up_bias": jnp.zeros((3, 8))}},
         "head": {"kernel": jnp.zeros((4, 10))},
     }
     m = optim.decay_mask(params)
     assert m == {"wte": {"embedding": False}, "wpe": {"embedding": False},
                  "layers": {"ln1": {"scale": False, "bias": False},
-                            "mlp": {"kernel": True, "bias": False}},
+                            "mlp": {"kernel": True, "bias": False, "up_bias": False}},
                  "head": {"kernel": True}}
     m = optim.decay_mask(params, decay_embeddings=True)
     assert m["wte"]["embedding"] and m["wpe"]["embedding"] and not m["layers"]["ln1"]["scale"]
