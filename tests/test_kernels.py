@@ -188,6 +188,52 @@ def test_flash_kernels_lower_to_triton_for_gpu():
     assert text.count("flash_alibi_fwd") >= 1 and text.count("flash_alibi_dkv") >= 1
 
 
+@pytest.mark.parametrize("d,dtype", [(64, jnp.bfloat16), (128, jnp.bfloat16), (64, jnp.float32)])
+def test_flash_kernels_compile_for_sm90_without_register_spills(d, dtype, tmp_path, monkeypatch):
+    """Optional (needs the `triton` package): the Triton IR of all three kernels at the
+    default tiles compiles to sm_90 PTX and ptxas reports no register spills."""
+    triton = pytest.importorskip("triton")
+    import pathlib
+    import subprocess
+
+    from jax._src.pallas.triton import pallas_call_registration as reg
+    from triton.backends.compiler import GPUTarget
+
+    modules, lower = [], reg.lowering.lower_jaxpr_to_triton_module
+
+    def keep(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        modules.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", keep)
+    q = jax.ShapeDtypeStruct((2, 1024, 6, d), dtype)
+    k = jax.ShapeDtypeStruct((2, 1024, 2, d), dtype)
+    ids = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
+    sl = jax.ShapeDtypeStruct((6,), jnp.float32)
+
+    def loss(q, k, v, seg, pos, sl):
+        out = flash.attention(q, k, v, seg, seg, pos, pos, sl, interpret=False)
+        return jnp.sum(out.astype(jnp.float32))
+
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, ids, ids, sl).lower(
+        lowering_platforms=("cuda",))
+    assert len(modules) == 3
+    ptxas = sorted((pathlib.Path(triton.__file__).parent / "backends/nvidia/bin").glob("ptxas*"))
+    opts = {"num_warps": flash.default_num_warps(d, dtype), "num_stages": 2}
+    for i, text in enumerate(modules):
+        (tmp_path / f"k{i}.ttir").write_text(text)
+        kernel = triton.compile(str(tmp_path / f"k{i}.ttir"), target=GPUTarget("cuda", 90, 32),
+                                options=opts)
+        (tmp_path / f"k{i}.ptx").write_text(kernel.asm["ptx"])
+        runs = [subprocess.run([str(exe), "-v", "--gpu-name", "sm_90a", str(tmp_path / f"k{i}.ptx"),
+                                "-o", str(tmp_path / f"k{i}.cubin")],
+                               check=False, capture_output=True, text=True) for exe in ptxas]
+        info = next((r for r in runs if r.returncode == 0), runs[-1])  # one accepts the PTX
+        assert info.returncode == 0, info.stderr
+        assert "0 bytes spill stores" in info.stderr + info.stdout, info.stderr
+
+
 def test_flash_rejects_bad_shapes_and_blocks():
     q, k, v = random_qkv(np.random.default_rng(0), 1, 32, 3, 2, 16)
     ids = jnp.ones((1, 32), jnp.int32)

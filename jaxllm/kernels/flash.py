@@ -48,7 +48,7 @@ MASKED = -1e30  # finite "minus infinity": keeps exp2(m_old - m_new) free of inf
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes (powers of two). `*_dq` and `*_dkv` are the backward kernels' tiles."""
+    """Tile sizes (powers of two >= 16). `*_dq` and `*_dkv` are the backward kernels' tiles."""
 
     block_q: int = 64
     block_k: int = 64
@@ -56,6 +56,19 @@ class BlockSizes:
     block_k_dq: int = 64
     block_q_dkv: int = 64
     block_k_dkv: int = 64
+
+    @classmethod
+    def default(cls, head_dim: int, dtype) -> BlockSizes:
+        """Tiles that compile without register spills for sm_90 (Triton 3.9, ptxas -v) at
+        the default warps (4 for half precision and head size <= 64, else 8). Not tuned
+        by timing: benchmark on the target GPU and pass your own."""
+        if jnp.dtype(dtype).itemsize >= 4:  # float32: IEEE dots on CUDA cores
+            return cls(32, 32, 32, 32, 32 if head_dim <= 64 else 16, 32)
+        return cls(128, 64, 64, 64, 64 if head_dim <= 64 else 32, 64)
+
+
+def default_num_warps(head_dim: int, dtype) -> int:
+    return 4 if jnp.dtype(dtype).itemsize < 4 and head_dim <= 64 else 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,6 +351,7 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
     q: [B, T, H, D]; k, v: [B, S, K, D] (H a multiple of K); segment ids [B, T] / [B, S]
     (0 = padding); positions [B, T] / [B, S]; alibi_slopes [H] or None. `interpret` defaults
     to True on CPU (Pallas interpreter; slow, for tests) and False on GPU (Triton).
+    `block_sizes` and `num_warps` default by head size and dtype (BlockSizes.default).
     """
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -350,11 +364,11 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
             raise ValueError("flash attention: the Pallas kernel lowers to Triton (GPU); "
                              "on TPU use backend 'xla' (or interpret=True for tests)")
         interpret = platform == "cpu"
-    blocks, tp, sp = _clamp_blocks(block_sizes or BlockSizes(), t, s)
     dp = _pow2_at_least(d)
+    blocks, tp, sp = _clamp_blocks(block_sizes or BlockSizes.default(dp, q.dtype), t, s)
     cfg = _Cfg(scale=float(d ** -0.5 if scale is None else scale), causal=bool(causal),
                alibi=alibi_slopes is not None, blocks=blocks, interpret=bool(interpret),
-               num_warps=num_warps or (4 if dp <= 64 else 8), num_stages=num_stages)
+               num_warps=num_warps or default_num_warps(dp, q.dtype), num_stages=num_stages)
 
     slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32).reshape(h)
     return _padded(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg=cfg, tp=tp, sp=sp, dp=dp)
