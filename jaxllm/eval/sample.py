@@ -1,0 +1,53 @@
+"""KV-cached autoregressive sampling: greedy, temperature, top-k and top-p (nucleus)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def filter_logits(logits, temperature: float, top_k: int, top_p: float, vocab_limit: int):
+    """Mask ids >= vocab_limit (vocabulary padding), then apply temperature/top-k/top-p."""
+    ids = jnp.arange(logits.shape[-1])
+    logits = jnp.where(ids < vocab_limit, logits, -jnp.inf)
+    logits = logits / jnp.maximum(temperature, 1e-6)
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        srt = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(srt, axis=-1)
+        keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # always keeps the top token
+        cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+@functools.partial(jax.jit, static_argnames=("model_def", "n_new", "temperature", "top_k",
+                                             "top_p", "vocab_limit"))
+def generate(model_def, params, prompt, rng, *, n_new: int, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, vocab_limit: int):
+    """prompt [B, P] int32 -> [B, n_new] new tokens. temperature == 0 means greedy."""
+    model = model_def.apply(params)
+    b, p = prompt.shape
+    cache = model.init_cache(b, p + n_new)
+    h, cache = model.hidden(prompt, cache=cache)
+    logits = model.logits(h[:, -1:])[:, 0]
+
+    def pick(logits, key):
+        if temperature == 0.0:
+            masked = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+            return jnp.argmax(masked, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(
+            key, filter_logits(logits, temperature, top_k, top_p, vocab_limit)).astype(jnp.int32)
+
+    def step(carry, key):
+        logits, cache = carry
+        tok = pick(logits, key)
+        h, cache = model.hidden(tok[:, None], cache=cache)
+        return (model.logits(h)[:, 0], cache), tok
+
+    _, toks = jax.lax.scan(step, (logits, cache), jax.random.split(rng, n_new))
+    return toks.T

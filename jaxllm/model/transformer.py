@@ -1,0 +1,134 @@
+"""The decoder-only transformer (pre-norm), nanoGPT-sized in one file.
+
+Blocks are stacked along a leading `layers` axis and run with `jax.lax.scan` (one block is
+compiled once), under `jax.checkpoint` with the configured remat policy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxllm.config import resolved_d_ff
+from jaxllm.model.attention import Attention
+from jaxllm.model.layers import DTYPES, MLP, Embed, Norm, constrain, param
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        self.ln1 = Norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.ln2 = Norm(cfg, rngs)
+        self.mlp = MLP(cfg, resolved_d_ff(cfg.model), rngs)
+
+    def __call__(self, x, segment_ids, positions, cache=None):
+        y, cache = self.attn(self.ln1(x), segment_ids, positions, cache)
+        x = constrain(x + y, "batch", "length", "embed")
+        x = constrain(x + self.mlp(self.ln2(x)), "batch", "length", "embed")
+        return x, cache
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        m = cfg.model
+        if not m.vocab_size:
+            raise ValueError("model.vocab_size must be resolved before building the model")
+        self.cfg = cfg
+        self.dtype, pd = DTYPES[m.dtype], DTYPES[m.param_dtype]
+        self.n_layers, self.scan, self.remat = m.n_layers, m.scan_layers, m.remat
+        self.embed = Embed(m.vocab_size, m.d_model, ("vocab", "embed"), m.init_std, self.dtype,
+                           pd, rngs)
+        self.pos_embed = (Embed(m.max_position or cfg.data.seq_len, m.d_model, (None, "embed"),
+                                m.init_std, self.dtype, pd, rngs)
+                          if m.pos_encoding == "learned" else None)
+        if self.scan:
+            @nnx.split_rngs(splits=m.n_layers)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make(r):
+                return Block(cfg, r)
+            self.blocks = make(rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(m.n_layers)])
+        self.ln_f = Norm(cfg, rngs)
+        self.lm_head = (None if m.tie_embeddings else
+                        param(rngs, (m.d_model, m.vocab_size), ("embed", "vocab"), m.init_std, pd))
+
+    def _body(self, graphdef):
+        def body(x, layer):
+            state, seg, pos, cache = layer
+            x, cache = nnx.merge(graphdef, state)(x, seg, pos, cache)
+            return x, cache
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        return body
+
+    def hidden(self, tokens, segment_ids=None, positions=None, cache=None):
+        """Final-norm hidden states [B, T, d] (and the updated cache)."""
+        b, t = tokens.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            start = 0 if cache is None else cache["index"]
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + start, (b, t))
+        x = self.embed(tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        x = constrain(x, "batch", "length", "embed")
+        if self.scan:
+            graphdef, state = nnx.split(self.blocks)
+            body = self._body(graphdef)
+            layer_cache = None if cache is None else {k: v for k, v in cache.items()}
+            if cache is not None:
+                idx = cache["index"]
+                layer_cache["index"] = jnp.full((self.n_layers,), idx, jnp.int32)
+
+            def scan_fn(x, xs):
+                state_l, cache_l = xs
+                return body(x, (state_l, segment_ids, positions, cache_l))
+            x, new_cache = jax.lax.scan(scan_fn, x, (state, layer_cache))
+            if cache is not None:
+                new_cache["index"] = new_cache["index"][0]
+        else:
+            new_layers = []
+            for i, blk in enumerate(self.blocks):
+                graphdef, state = nnx.split(blk)
+                c = None if cache is None else {k: (v[i] if k != "index" else v)
+                                                  for k, v in cache.items()}
+                x, c = self._body(graphdef)(x, (state, segment_ids, positions, c))
+                new_layers.append(c)
+            new_cache = None
+            if cache is not None:
+                new_cache = {k: jnp.stack([c[k] for c in new_layers])
+                             for k in ("k", "v", "segment_ids", "positions")}
+                new_cache["index"] = new_layers[0]["index"]
+        return self.ln_f(x), new_cache
+
+    def logits(self, h):
+        """Float32 logits [..., vocab] from hidden states."""
+        if self.lm_head is None:
+            out = self.embed.attend(h)
+        else:
+            out = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(self.dtype))
+        return constrain(out.astype(jnp.float32), "batch", "length", "vocab")
+
+    def __call__(self, tokens, segment_ids=None, positions=None):
+        return self.logits(self.hidden(tokens, segment_ids, positions)[0])
+
+    def init_cache(self, batch: int, max_len: int):
+        """An empty KV cache for `max_len` tokens (segment id 0 marks empty slots)."""
+        m = self.cfg.model
+        kv, hd = m.n_kv_heads or m.n_heads, m.d_model // m.n_heads
+        shape = (self.n_layers, batch, max_len, kv, hd)
+        return {
+            "k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype),
+            "segment_ids": jnp.zeros((self.n_layers, batch, max_len), jnp.int32),
+            "positions": jnp.zeros((self.n_layers, batch, max_len), jnp.int32),
+            "index": jnp.zeros((), jnp.int32),
+        }
