@@ -159,7 +159,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, plan_ref, *
     bq, dp = q.shape
 
     def visit(j, carry, masked):
-        acc, m, l = carry
+        acc, m, row_sum = carry
         sl = pl.ds(j * block_k, block_k)
         kv_pos, v = kp_ref[sl], v_ref[sl, :]
         s = _scores(q, k_ref[sl, :], q_pos, kv_pos, slope, cfg)
@@ -172,12 +172,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, plan_ref, *
             p = jnp.where(mask, p, 0.0)
         corr = jnp.exp2(m - m_new)
         acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
-        return acc, m_new, l * corr + jnp.sum(p, axis=1)
+        return acc, m_new, row_sum * corr + jnp.sum(p, axis=1)
 
     init = (jnp.zeros((bq, dp), jnp.float32), jnp.full((bq,), MASKED, jnp.float32),
             jnp.zeros((bq,), jnp.float32))
-    acc, m, l = _tile_loop(plan_ref, visit, init)
-    l_safe = jnp.where(l > 0, l, 1.0)  # rows that see no key (padding) return zeros
+    acc, m, row_sum = _tile_loop(plan_ref, visit, init)
+    l_safe = jnp.where(row_sum > 0, row_sum, 1.0)  # rows that see no key (padding) return zeros
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log2(l_safe)
 
@@ -345,13 +345,18 @@ def _clamp_blocks(blocks: BlockSizes, t: int, s: int) -> tuple[BlockSizes, int, 
 
 def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=True, scale=None,
               *, block_sizes: BlockSizes | None = None, interpret: bool | None = None,
-              num_warps: int | None = None, num_stages: int = 2):
+              num_warps: int | None = None, num_stages: int = 2, shard_axes=None):
     """Flash attention with the kernels/xla.py signature and semantics (differentiable in q, k, v).
 
     q: [B, T, H, D]; k, v: [B, S, K, D] (H a multiple of K); segment ids [B, T] / [B, S]
     (0 = padding); positions [B, T] / [B, S]; alibi_slopes [H] or None. `interpret` defaults
     to True on CPU (Pallas interpreter; slow, for tests) and False on GPU (Triton).
     `block_sizes` and `num_warps` default by head size and dtype (BlockSizes.default).
+
+    A pallas_call has no SPMD partitioning rule: under a multi-device `jax.jit`, XLA would
+    gather its operands onto every device. Pass `shard_axes=(batch_axes, head_axes)` (mesh
+    axis names or tuples of them, or None) to run it per shard under `jax.shard_map` on the
+    mesh set with `jax.set_mesh`; K (kv heads) must divide by the head axes' size.
     """
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -370,8 +375,22 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
                alibi=alibi_slopes is not None, blocks=blocks, interpret=bool(interpret),
                num_warps=num_warps or default_num_warps(dp, q.dtype), num_stages=num_stages)
 
-    slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32).reshape(h)
-    return _padded(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg=cfg, tp=tp, sp=sp, dp=dp)
+    run = functools.partial(_padded, cfg=cfg, tp=tp, sp=sp, dp=dp)
+    args = [q, k, v, q_seg, kv_seg, q_pos, kv_pos]
+    if alibi_slopes is not None:
+        args.append(jnp.asarray(alibi_slopes, jnp.float32).reshape(h))
+    if shard_axes is None:
+        return run(*args, *([None] * (8 - len(args))))
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        raise ValueError("flash attention: shard_axes needs a mesh set with jax.set_mesh")
+    P = jax.sharding.PartitionSpec  # noqa: N806
+    batch, heads = shard_axes
+    x, ids = P(batch, None, heads, None), P(batch, None)
+    specs = (x, x, x, ids, ids, ids, ids, P(heads))[:len(args)]
+    per_shard = jax.shard_map(lambda *a: run(*a, *([None] * (8 - len(a)))), mesh=mesh,
+                              in_specs=specs, out_specs=x, check_vma=False)
+    return per_shard(*args)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tp", "sp", "dp"))
