@@ -336,7 +336,7 @@ def _clamp_blocks(blocks: BlockSizes, t: int, s: int) -> tuple[BlockSizes, int, 
         if not isinstance(val, int) or val < 16 or val & (val - 1):
             raise ValueError(f"flash attention: {f.name}={val!r} must be a power of two >= 16")
     tq, ts = _pow2_at_least(t), _pow2_at_least(s)
-    c = BlockSizes(*(min(getattr(blocks, f.name), tq if "_q" in f.name else ts)
+    c = BlockSizes(*(min(getattr(blocks, f.name), tq if f.name.startswith("block_q") else ts)
                      for f in dataclasses.fields(blocks)))
     qmult = max(c.block_q, c.block_q_dq, c.block_q_dkv)
     kmult = max(c.block_k, c.block_k_dq, c.block_k_dkv)
