@@ -22,8 +22,9 @@ Nesterov momentum 0.9 is the usual vision-style default; with gradients clipped 
 decay by default (it is a baseline, known to train transformers poorly).
 
 Weight decay mask: every leaf is decayed except those whose name (the last string key of
-its path, looking through nnx.Variable's `.value`) is `scale` (norm weights), `bias`, or
-`embedding` (token/position tables; decayed only with `optim.decay_embeddings`). It is
+its path, looking through nnx.Variable's `.value`) is `scale` (norm weights), `bias` or
+ends in `_bias` (q_bias, up_bias, ...), or `embedding` (token/position tables; decayed only
+with `optim.decay_embeddings`). It is
 decided by key paths, never by ndim: scanned layers make norm scales 2-D.
 """
 
@@ -125,7 +126,10 @@ def _leaf_name(path) -> str:
 def decay_mask(params, decay_embeddings: bool = False):
     """Pytree of bools like `params`: True where decoupled weight decay applies."""
     skip = NO_DECAY_NAMES + (() if decay_embeddings else EMBEDDING_NAMES)
-    return jax.tree_util.tree_map_with_path(lambda p, _: _leaf_name(p) not in skip, params)
+    def decays(path, _):
+        name = _leaf_name(path)
+        return not (name in skip or name.endswith("_bias"))  # the model's q_bias, up_bias, ...
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def skip_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
