@@ -162,6 +162,7 @@ def _hf(name="llama"):
      "tensor model.layers.0.self_attn.q_proj.weight has shape (8, 32), expected (32, 32)"),
     (lambda h, t: t.update({"lm_head.bias": np.zeros(384)}),
      "tensors jaxllm has no place for: lm_head.bias"),
+    (lambda h, t: h.pop("intermediate_size"), "llama config has no 'intermediate_size'"),
 ])
 def test_import_refuses_what_jaxllm_cannot_hold(edit, needle):
     hf, tensors = _hf()
@@ -352,3 +353,20 @@ def test_clis_round_trip_and_error_contract(tmp_path):
         f"error: {tmp_path / 'nope' / 'config.json'}: not found; is {tmp_path / 'nope'} a "
         "jaxllm workdir?"]
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_import_picks_the_tokenizer(tmp_path):
+    from jaxllm.hf.convert import _tokenizer_for_import
+    d, wd = tmp_path / "hf", tmp_path / "wd"
+    d.mkdir()
+    with pytest.raises(ConfigError, match="no tokenizer.json or tokenizer.model; pass "
+                       "--tokenizer=byte|PATH"):
+        _tokenizer_for_import(d, wd, None)
+    (d / "tokenizer.model").write_bytes(b"sp")
+    assert _tokenizer_for_import(d, wd, None) == str((wd / "tokenizer.model").resolve())
+    assert (wd / "tokenizer.model").read_bytes() == b"sp"
+    write_tokenizer("byte", d, 16)  # tokenizer.json is preferred over tokenizer.model
+    assert _tokenizer_for_import(d, wd, None) == str((wd / "tokenizer.json").resolve())
+    (d / "jaxllm.json").write_text(json.dumps({"tokenizer": "byte"}))  # a jaxllm export
+    assert _tokenizer_for_import(d, wd, None) == "byte"
+    assert _tokenizer_for_import(d, wd, "my.model") == "my.model"

@@ -269,7 +269,10 @@ def from_hf(hf: dict, tensors: dict, source: str = "config.json"):
         used.add(name)
         return x
 
-    keys, params = _IMPORT[fam](hf, get, source)
+    try:
+        keys, params = _IMPORT[fam](hf, get, source)
+    except KeyError as e:
+        raise ConfigError(f"{source}: {fam} config has no {e.args[0]!r}") from None
     tie = hf.get("tie_word_embeddings", _DEFAULT_TIE[fam])
     keys["tie_embeddings"] = bool(tie)
     head = get("lm_head.weight", (keys["vocab_size"], keys["d_model"]), required=not tie)
