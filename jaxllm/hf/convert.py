@@ -19,7 +19,8 @@ import shutil
 import numpy as np
 
 from jaxllm.config import ConfigError, defaults, validate
-from jaxllm.hf.mapping import blocks_of, family, from_hf, to_hf
+from jaxllm.hf.mapping import blocks_of, family, to_hf
+from jaxllm.hf.reverse import from_hf
 
 BYTE_SPECIALS = {"<pad>": 256, "<s>": 257, "</s>": 258}  # jaxllm ByteTokenizer ids
 
