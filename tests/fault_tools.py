@@ -43,12 +43,12 @@ def run_cli(workdir, overrides: dict, devices: int = 1, timeout: int = 300, **ex
     """`python -m jaxllm.train --workdir=... --config.K=V ...` in a subprocess."""
     cmd = [sys.executable, "-m", "jaxllm.train", f"--workdir={workdir}", *flags(overrides)]
     return subprocess.run(cmd, cwd=ROOT, env=env(devices, **extra_env), capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
 
 
 def run_py(code: str, devices: int = 1, timeout: int = 300):
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(devices),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def rows(workdir) -> list[dict]:
@@ -73,3 +73,21 @@ def tiny_cfg(**overrides):
         sec, name = k.split(".")
         cfg[sec][name] = v
     return cfg
+
+
+def use_jit_cache():
+    """Generator for a module-scoped autouse fixture: the persistent compilation cache for
+    in-process `train()` calls (each builds new jitted closures), restored afterwards."""
+    import jax
+    from jax._src import compilation_cache as cc
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    for k, v in zip(keys, (JIT_CACHE, 0.0, 0)):
+        jax.config.update(k, v)
+    cc.reset_cache()
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+    cc.reset_cache()

@@ -12,8 +12,8 @@ Exit status of a preempted run (`jaxllm-train`): 128 + signal number (143 for SI
 130 for SIGINT), the shell convention for "terminated by signal", so schedulers and
 wrappers treat the run as unfinished; rerunning the same command resumes it.
 
-Test hook: env `JAXLLM_TEST_SIGTERM_AT_STEP=K` makes the process send itself a real
-SIGTERM right after step K.
+Test hook: env `JAXLLM_TEST_WAIT_AT_STEP=K` makes the loop wait after step K (up to 120 s)
+until a signal arrives, so a test can send a real SIGTERM at a known step.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import jax
 import numpy as np
@@ -40,7 +41,7 @@ class Preemption:
         self.check_every = max(check_every, 1)
         self.multi = jax.process_count() > 1
         self.sync = self.multi and _sync_manager()
-        self.test_step = int(os.environ.get("JAXLLM_TEST_SIGTERM_AT_STEP", "0") or 0)
+        self.test_step = int(os.environ.get("JAXLLM_TEST_WAIT_AT_STEP", "0") or 0)
         sigs = [signal.SIGINT] + ([] if self.sync else [signal.SIGTERM])
         self._old = {}
         if threading.current_thread() is threading.main_thread():
@@ -54,7 +55,9 @@ class Preemption:
     def should_stop(self, step: int) -> bool:
         """Call once per step on every process, with the step just completed."""
         if self.test_step and step == self.test_step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 120
+            while self.signum is None and time.monotonic() < deadline:
+                time.sleep(0.02)
         if not self.multi:
             return self.signum is not None
         if self.sync:

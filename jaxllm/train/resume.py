@@ -100,4 +100,6 @@ def reposition(cfg, it, make_iter, step: int, samples: int, meta: dict):
         it = make_iter(cfg.train.seed + step)
         policy = "reshuffle"
     return it, {"event": "data_reposition", "step": step, "policy": policy,
-                "samples_seen": samples, "next_batch": batches, "changed": changed}
+                "samples_seen": samples, "next_batch": batches,
+                "exact": policy == "sample_count" and samples % cfg.train.batch_size == 0,
+                "changed": changed}

@@ -99,7 +99,8 @@ def make_train_step(cfg, model_def, tx, *, nan_steps=()):
                      "opt_state": keep(new_opt, opt_state), "rng": jax.random.key_data(rng),
                      "guard": new_guard}
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
-                   "tokens": n_tokens, "finite": 1 - flags["nonfinite"], **flags, **optim.optimizer_metrics(new_opt)}
+                   "tokens": n_tokens, "finite": 1 - flags["nonfinite"], **flags,
+                   **optim.optimizer_metrics(new_opt)}
         return new_state, metrics
 
     return train_step
