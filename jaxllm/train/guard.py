@@ -80,5 +80,5 @@ class SkipTracker:
             raise TrainingDiverged(
                 f"{n} consecutive skipped steps (last at step {step}, {reason}); stopping "
                 f"(train.max_skips={self.max_skips}). Parameters are those of the last "
-                "accepted step; the newest checkpoint is unchanged. Lower optim.lr, raise "
+                "accepted step; no checkpoint is written for the stop. Lower optim.lr, raise "
                 "optim.warmup_steps or check the data, then rerun the same command")
