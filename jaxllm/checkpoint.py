@@ -136,9 +136,6 @@ class Checkpointer:
         self.manager.reload()
         return moved
 
-    def reached_preemption(self, step: int) -> bool:
-        return self.manager.reached_preemption(step)
-
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -146,3 +146,29 @@ def test_consecutive_skips_stop_cleanly_with_exit_status_3(tmp_path):
     ck = Checkpointer(tmp_path / "checkpoints", tiny_cfg())
     assert ck.steps() == [2, 4]
     ck.close()
+
+
+def test_preemption_signals_and_exit_status():
+    """One process: SIGTERM/SIGINT set the flag the loop checks after each step; the exit
+    status is 128 + signal; a second SIGINT interrupts at once; handlers are restored."""
+    import os
+    import signal
+
+    from jaxllm.train.preempt import Preemption
+    old = signal.getsignal(signal.SIGTERM)
+    p = Preemption()
+    try:
+        assert not p.should_stop(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert p.should_stop(2) and p.exit_status == 143
+    finally:
+        p.restore()
+    assert signal.getsignal(signal.SIGTERM) is old
+    p = Preemption()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert p.should_stop(1) and p.exit_status == 130
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        p.restore()
