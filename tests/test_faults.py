@@ -64,14 +64,15 @@ def test_nan_gradients_skip_the_update_exactly():
     assert flags == [(0, 0), (1, 1), (1, 2), (0, 0)]
 
 
-def _reference(losses, window, k):
-    """numpy reference of the spike guard over a sequence of finite losses."""
+def _reference(losses, window, k, forced=()):
+    """numpy reference of the spike guard over a sequence of losses; `forced`: indices
+    skipped for another reason (non-finite gradients)."""
     acc, out = [], []
-    for x in losses:
-        w = np.asarray(acc[-window:], np.float64)
+    for i, x in enumerate(losses):
+        w = np.asarray(acc[-window:], np.float32)
         spike = k > 0 and len(acc) >= window and x > w.mean() + k * w.std()
-        out.append(not spike)
-        if not spike:
+        out.append(not spike and i not in forced)
+        if out[-1]:
             acc.append(x)
     return out
 
@@ -104,16 +105,23 @@ def test_spike_guard_matches_numpy_reference():
         assert bool(accept)
 
 
-def test_training_continues_after_a_nan_step(tmp_path):
+def test_training_continues_after_nan_and_spike_skips(tmp_path):
+    """In the loop: NaN gradients at step 3 and a tight spike guard (k=0.1, window 2):
+    every skip is reported with its reason, exactly where the numpy reference over the
+    logged losses skips, and training goes on to the last step."""
     from jaxllm.train.loop import train
-    out = train(tiny_cfg(**{"train.steps": 6, "train.eval_every": 0}), tmp_path,
-                nan_steps=(3,))
-    assert out["step"] == 6
-    skipped = events(tmp_path, "skipped_step")
-    assert [(e["step"], e["reason"], e["consecutive"]) for e in skipped] == [(3, "nonfinite", 1)]
+    cfg = tiny_cfg(**{"train.steps": 12, "train.eval_every": 0, "train.spike_sigmas": 0.1,
+                      "train.spike_window": 2, "train.max_skips": 12})
+    out = train(cfg, tmp_path, nan_steps=(3,))
+    assert out["step"] == 12
     rows = train_rows(tmp_path)
-    assert sorted(rows) == list(range(1, 7))
-    assert all(np.isfinite(rows[s]["loss"]) for s in rows)
+    assert sorted(rows) == list(range(1, 13))
+    losses = np.asarray([rows[s]["loss"] for s in range(1, 13)], np.float32)
+    accepted = _reference(losses, 2, 0.1, forced=(2,))
+    skipped = {e["step"]: e for e in events(tmp_path, "skipped_step")}
+    assert sorted(skipped) == [s for s in range(1, 13) if not accepted[s - 1]]
+    assert skipped[3]["reason"] == "nonfinite"
+    assert any(e["reason"] == "spike" for e in skipped.values())
 
 
 _CLI_WITH_NAN = """
