@@ -84,7 +84,7 @@ def use_jit_cache():
     keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
             "jax_persistent_cache_min_entry_size_bytes")
     old = {k: getattr(jax.config, k) for k in keys}
-    for k, v in zip(keys, (JIT_CACHE, 0.0, 0)):
+    for k, v in zip(keys, (JIT_CACHE, 0.0, 0), strict=True):
         jax.config.update(k, v)
     cc.reset_cache()
     yield

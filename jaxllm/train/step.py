@@ -53,7 +53,6 @@ def make_train_step(cfg, model_def, tx, *, nan_steps=()):
     """The pure train step. `nan_steps` (a testing hook, not a config key): reported step
     numbers (1-based, as in metrics.jsonl) whose gradients are replaced by NaN."""
     z_coef, accum, chunk = cfg.train.z_loss, cfg.train.grad_accum, cfg.train.loss_chunk
-    estimator = optim.hessian_estimator(cfg)
     schedule = optim.lr_schedule(cfg)
 
     def loss_fn(params, micro, n_tokens):
@@ -83,18 +82,14 @@ def make_train_step(cfg, model_def, tx, *, nan_steps=()):
         if nan_steps:
             hit = jnp.isin(state["step"] + 1, jnp.asarray(nan_steps, jnp.int32))
             grads = jax.tree.map(lambda g: jnp.where(hit, jnp.nan, g), grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         accept, flags, new_guard = guard.decide(cfg, state["guard"], loss, grad_norm)
         rng, sub = jax.random.split(jax.random.wrap_key_data(state["rng"]))
-        extra = {}
-        if estimator is not None:
-            refresh = state["step"] % cfg.optim.hessian_every == 0
-            hess = jax.lax.cond(refresh, lambda: estimator(model_fn, params, batch, sub),
-                                lambda: jax.tree.map(jnp.zeros_like, params))
-            extra = {"hessian": hess, "refresh": refresh}
+        extra = optim.hessian_extra_args(cfg, state["step"], model_fn, params, batch, sub)
         updates, new_opt = tx.update(grads, opt_state, params, **extra)
         new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
+        def keep(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
         new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
                      "opt_state": keep(new_opt, opt_state), "rng": jax.random.key_data(rng),
                      "guard": new_guard}
