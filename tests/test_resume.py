@@ -18,7 +18,7 @@ from tests.fault_tools import ROOT, env, events, flags, rows, tiny_cfg, train_ro
 
 _jit_cache = pytest.fixture(scope="module", autouse=True)(use_jit_cache)
 
-RUN = {"train.steps": 12, "checkpoint.every": 4}
+RUN = {"train.steps": 12, "checkpoint.every": 4, "data.prefetch": 2}  # prefetch: the default
 
 
 def _wait_for_row(workdir, step, proc, timeout=240.0):
@@ -184,3 +184,26 @@ def test_batch_size_change_repositions_by_sample_count(tmp_path):
     it, ev = reposition(cfg8, make_pipeline(cfg8, tok), lambda s: None, 2, 16,
                         {"global_batch": 4})
     np.testing.assert_array_equal(next(it)["inputs"], stream[16:24])
+
+
+def test_packed_iterator_without_sample_position_is_reshuffled():
+    """first_fit packing has no sample index in its state: the documented fallback is a
+    fresh shuffle seeded with train.seed + step, announced by the event."""
+    from jaxllm.data.pipeline import make_pipeline
+    from jaxllm.data.tokenizers import load_tokenizer
+    from jaxllm.train.resume import reposition
+    tok = load_tokenizer("byte")
+    cfg = tiny_cfg(**{"data.packing": "first_fit"})
+    seeds = []
+
+    def make_iter(seed):
+        seeds.append(seed)
+        c = cfg.copy_and_resolve_references()
+        c.train.seed = seed
+        return make_pipeline(c, tok)
+
+    it, ev = reposition(cfg, make_iter(0), make_iter, 7, 28, {"process_count": 2})
+    assert seeds == [0, 7] and ev["policy"] == "reshuffle" and not ev["exact"]
+    assert ev["changed"]["process_count"] == [2, 1]
+    ref = make_iter(7)
+    np.testing.assert_array_equal(next(it)["inputs"], next(ref)["inputs"])
