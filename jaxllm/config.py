@@ -99,9 +99,9 @@ def defaults() -> ConfigDict:
     t.eval_batches = 8  # eval batches (of batch_size sequences) per evaluation
     t.loss_chunk = 0  # tokens per logits chunk along the sequence; 0 = whole sequence
     t.z_loss = 0.0  # coefficient of the log(Z)^2 auxiliary loss; 0 = off
-    t.max_skips = 5  # stop after this many consecutive non-finite steps
+    t.max_skips = 5  # stop (exit 3) after this many consecutive skipped steps
     t.spike_sigmas = 0.0  # skip steps whose loss exceeds mean + k*std of a window; 0 = off
-    t.spike_window = 100  # window of the spike guard
+    t.spike_window = 100  # accepted losses in the spike window (fixed for a run)
     t.sample_tokens = 200  # bytes/tokens generated at the end of training; 0 = none
     t.sample_prompt = "def "  # prompt of the end-of-training sample
     t.profile = False  # write a jax.profiler trace of a few steps to WORKDIR/profile
