@@ -23,7 +23,7 @@ from jaxllm.data.tokenizers import load_tokenizer
 from jaxllm.eval.sample import generate
 from jaxllm.train import metrics as M
 from jaxllm.train.state import abstract_state, init_state
-from jaxllm.train.step import bits_per_byte, make_eval_step, make_train_step
+from jaxllm.train.step import bits_per_byte, jit_train_step, make_eval_step
 
 log = logging.getLogger("jaxllm")
 
@@ -133,8 +133,7 @@ def train(cfg, workdir: str) -> dict:
 
     batch_sh = parallel.batch_sharding(mesh)
     with parallel.activate(cfg, mesh):
-        step_fn = jax.jit(make_train_step(cfg, model_def, tx), donate_argnums=0,
-                          in_shardings=(shardings, batch_sh), out_shardings=(shardings, None))
+        step_fn = jit_train_step(cfg, model_def, tx, shardings, mesh)
         eval_fn = jax.jit(make_eval_step(cfg, model_def),
                           in_shardings=(shardings["params"], batch_sh))
     held_out = eval_batches(cfg, tokenizer)
