@@ -185,8 +185,11 @@ def measure_safely(cfg, steps: int, warmup: int, name: str = "", isolate: bool =
             jax.clear_caches()
     spec = json.dumps({"config": cfg.to_dict(), "steps": steps, "warmup": warmup,
                        "name": name})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where jaxllm is
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
     proc = subprocess.run([sys.executable, "-m", "jaxllm.benchmark", spec],
-                          capture_output=True, text=True, env=os.environ.copy())
+                          check=False, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_ROW "):
             return json.loads(line[len("BENCH_ROW "):])
@@ -283,11 +286,12 @@ def format_row(r: dict) -> str:
 def markdown(report: dict) -> str:
     """The llm-foundry-shaped table (one row per configuration) plus the run's facts."""
     meta = report["meta"]
-    lines = [f"Throughput on {meta['devices']} x {meta['device_kind']} ({meta['platform']}), "
-             f"jax {meta['jax']}, median of {meta['steps']} steps after {meta['warmup']} "
-             f"warm-up steps, {meta['date']}. MFU: {meta['mfu_formula']}; n/a where the "
-             "device's peak is unknown. Peak memory: device.memory_stats(), n/a where the "
-             "platform reports none.", "",
+    head = (f"Throughput on {meta['devices']} x {meta['device_kind']} ({meta['platform']}), "
+            f"jax {meta['jax']}, median of {meta['steps']} steps after {meta['warmup']} "
+            f"warm-up steps, {meta['date']}. MFU: {meta['mfu_formula']}; n/a where the "
+            "device's peak is unknown. Peak memory: device.memory_stats(), n/a where the "
+            "platform reports none.")
+    lines = [head, "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in report["rows"]]
     return "\n".join(lines) + "\n"

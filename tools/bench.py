@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
-from jaxllm.cli import _fail, user_errors  # noqa: E402
+from jaxllm.cli import _fail, user_errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

@@ -22,6 +22,7 @@ from jaxllm.data.pipeline import make_pipeline
 from jaxllm.data.tokenizers import load_tokenizer
 from jaxllm.eval.sample import generate
 from jaxllm.train import metrics as M
+from jaxllm.train.prefetch import DevicePrefetch
 from jaxllm.train.state import abstract_state, init_state
 from jaxllm.train.step import bits_per_byte, jit_train_step, make_eval_step
 
@@ -106,7 +107,9 @@ def train(cfg, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     tx = optim.build_optimizer(cfg)
     ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), cfg)
-    train_it = make_pipeline(cfg, tokenizer, "train", jax.process_index(), jax.process_count())
+    train_it = DevicePrefetch(  # device batches, the next one transferred during the step
+        make_pipeline(cfg, tokenizer, "train", jax.process_index(), jax.process_count()),
+        lambda local: parallel.global_batch(local, mesh))
     model_def, abstract, shardings = abstract_state(cfg, mesh, tx)
     restored_from = None
     if ckpt.steps():
@@ -164,7 +167,7 @@ def train(cfg, workdir: str) -> dict:
     with parallel.activate(cfg, mesh):
         step = step0
         while step < total and not stop.requested:
-            batch = parallel.global_batch(next(train_it), mesh)
+            batch = next(train_it)
             state, m = step_fn(state, batch)
             step += 1
             window_n += 1
