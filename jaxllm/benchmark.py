@@ -25,13 +25,14 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 from ml_collections import ConfigDict
 
 from jaxllm import optim, parallel
 from jaxllm.config import POS_ENCODINGS, ConfigError, validate
 from jaxllm.kernels import BACKENDS, resolve_backend
 from jaxllm.train import metrics as M
-from jaxllm.train.state import init_state
+from jaxllm.train.state import abstract_model, init_state
 from jaxllm.train.step import jit_train_step
 
 # GPT-3 / MosaicML shapes: name -> (d_model, n_layers, n_heads).
@@ -114,6 +115,14 @@ def compiled_memory_bytes(compiled) -> int | None:
                + ma.temp_size_in_bytes)
 
 
+def donated_bytes(compiled) -> int | None:
+    """Bytes of the arguments whose buffers the outputs reuse (the donated train state)."""
+    try:
+        return int(compiled.memory_analysis().alias_size_in_bytes)
+    except (NotImplementedError, RuntimeError, AttributeError):
+        return None
+
+
 def describe(cfg, name: str = "") -> dict:
     """The static half of a row: shapes, parameter count, FLOPs per token, attention share."""
     m = cfg.model
@@ -125,6 +134,12 @@ def describe(cfg, name: str = "") -> dict:
                                              alibi=m.pos_encoding == "alibi"),
            "dtype": m.dtype, "remat": m.remat, "global_batch": cfg.train.batch_size,
            "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len}
+    params = nnx.to_pure_dict(abstract_model(cfg)[1])  # shapes only, nothing allocated
+    n_no_pos = M.param_count(params, exclude_positions=True)
+    args = (n_no_pos, m.n_layers, m.d_model, cfg.data.seq_len)
+    row.update(params=M.param_count(params), params_no_pos=n_no_pos,
+               flops_per_token=M.flops_per_token(*args),
+               attention_flops_share=M.attention_flops_share(*args))
     return row
 
 
@@ -134,12 +149,7 @@ def measure(cfg, steps: int, warmup: int, name: str = "") -> dict:
     mesh = parallel.make_mesh(cfg)
     tx = optim.build_optimizer(cfg)
     model_def, state, shardings = init_state(cfg, mesh, tx)
-    n_no_pos = M.param_count(state["params"], exclude_positions=True)
-    fpt = M.flops_per_token(n_no_pos, cfg.model.n_layers, cfg.model.d_model, cfg.data.seq_len)
-    row.update(params=M.param_count(state["params"]), params_no_pos=n_no_pos,
-               flops_per_token=fpt,
-               attention_flops_share=M.attention_flops_share(
-                   n_no_pos, cfg.model.n_layers, cfg.model.d_model, cfg.data.seq_len))
+    fpt = row["flops_per_token"]
     batch = parallel.global_batch(synthetic_batch(cfg, cfg.train.batch_size), mesh)
     with parallel.activate(cfg, mesh):
         t0 = time.perf_counter()
@@ -147,15 +157,22 @@ def measure(cfg, steps: int, warmup: int, name: str = "") -> dict:
             state, batch).compile()
         row["compile_s"] = time.perf_counter() - t0
         row["compiled_memory_bytes"] = compiled_memory_bytes(compiled)
+        row["donated_bytes"] = donated_bytes(compiled)
         for _ in range(warmup):
             state, m = compiled(state, batch)
         jax.block_until_ready(state)
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            state, m = compiled(state, batch)
-            jax.block_until_ready((state, m))
-            times.append(time.perf_counter() - t0)
+        # As in the loop: the next step is queued before the previous one is read, so a
+        # step's time is the interval between completions (no dispatch gap in it).
+        t_prev = time.perf_counter()
+        state, m = compiled(state, batch)
+        times, pending = [], m
+        for i in range(steps):
+            if i + 1 < steps:
+                state, m = compiled(state, batch)
+            jax.block_until_ready(pending)
+            t = time.perf_counter()
+            times.append(t - t_prev)
+            t_prev, pending = t, m
     step_s = statistics.median(times)
     n_dev = jax.device_count()
     tps = row["tokens_per_step"] / step_s
@@ -269,14 +286,15 @@ COLUMNS = ("model", "params", "seq len", "pos", "attn", "global batch", "tokens/
 
 
 def _cells(r: dict) -> list[str]:
-    head = [r["model"], f"{r['params'] / 1e6:.1f}M" if "params" in r else "?",
+    head = [r["model"], f"{r['params'] / 1e6:.1f}M",
             str(r["seq_len"]), r["pos_encoding"], r["attention_impl"], str(r["global_batch"])]
+    share = f"{100 * r['attention_flops_share']:.1f}%"
     if r["status"] != "ok":
-        return head + [f"{r['status']}: {r.get('error', '')}"[:60]] + [""] * 5
+        return head + [f"{r['status']}: {r.get('error', '')}"[:60]] + [""] * 4 + [share]
     return head + [f"{r['tokens_per_s_per_device']:,.0f}",
                    "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
                    f"{r['step_ms']:.1f}", _gib(r["peak_memory_bytes"]),
-                   _gib(r["compiled_memory_bytes"]), f"{100 * r['attention_flops_share']:.1f}%"]
+                   _gib(r["compiled_memory_bytes"]), share]
 
 
 def format_row(r: dict) -> str:

@@ -21,7 +21,7 @@ from jaxllm.model.transformer import Transformer
 from jaxllm.train import metrics as M
 from jaxllm.train.prefetch import DevicePrefetch
 from jaxllm.train.state import ModelDef, abstract_state
-from jaxllm.train.step import chunk_size, forward_sums
+from jaxllm.train.step import chunk_size, forward_sums, make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Faster CPU compiles for the subprocess; the numbers it times are not checked.
@@ -65,6 +65,8 @@ def test_bench_tiny_writes_table_json_markdown(tmp_path):
         assert x["global_batch"] == 2 and x["tokens_per_step"] == 2 * t
         assert x["mfu"] is None and x["peak_memory_bytes"] is None
         assert x["compiled_memory_bytes"] > 0
+        # the state is donated: params and both AdamW moments (float32) reuse their buffers
+        assert x["donated_bytes"] >= 3 * 4 * n
         assert x["step_ms_min"] <= x["step_ms"] <= x["step_ms_max"]
         assert x["tokens_per_s"] == pytest.approx(2 * t / (x["step_ms"] / 1e3), rel=1e-9)
         assert x["tokens_per_s_per_device"] == x["tokens_per_s"]  # one CPU device
@@ -207,3 +209,60 @@ def test_device_prefetch_order_lookahead_and_checkpoint_state(tmp_path):
     assert [int(b["x"][0, 0]) for b in lazy] == [0, 1, 2, 3] and puts == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="prefetch size must be >= 0"):
         DevicePrefetch(_host_iter(), put, size=-1)
+
+
+def _eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for p in e.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else [p]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _eqns(inner)
+
+
+@pytest.mark.parametrize("remat,policies", [
+    ("none", ["None"]),  # only the chunked loss's checkpoint
+    ("dots_no_batch", ["DotsSaveable(only_if_no_batch_dims=True)", "None"]),
+])
+def test_train_step_remat_policy_and_bf16_matmuls(remat, policies):
+    """The traced train step checkpoints the scanned block with the configured policy, and
+    with model.dtype=bfloat16 no matmul runs with two float32 operands."""
+    cfg = B.bench_config(defaults(), "tiny", 32, "rope", "xla", 2, 256)
+    cfg.model.remat = remat
+    mesh = parallel.make_mesh(cfg, jax.devices()[:1])
+    tx = optim.build_optimizer(cfg)
+    model_def, tree, _ = abstract_state(cfg, mesh, tx)
+    batch = {k: jax.ShapeDtypeStruct((2, 32), jnp.int32)
+             for k in ("inputs", "targets", "segment_ids", "positions")}
+    with parallel.activate(cfg, mesh):
+        jaxpr = jax.make_jaxpr(make_train_step(cfg, model_def, tx))(tree, batch)
+    eqns = list(_eqns(jaxpr.jaxpr))
+    found = sorted(str(e.params["policy"]) for e in eqns if e.primitive.name == "remat2")
+    assert found == policies
+    dots = [tuple(str(v.aval.dtype) for v in e.invars) for e in eqns
+            if e.primitive.name == "dot_general"]
+    assert dots.count(("bfloat16", "bfloat16")) >= 10
+    assert ("float32", "float32") not in dots
+
+
+def test_failed_configurations_become_rows(monkeypatch):
+    """Out of memory and other runtime failures are rows with a status, in-process and in
+    an isolated subprocess; the static columns (parameters, attention share) stay filled."""
+    cfg = B.bench_config(defaults(), "tiny", 32, "alibi", "xla", 2, 256)
+
+    def oom(*a, **k):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.1G")
+    monkeypatch.setattr(B, "measure", oom)
+    row = B.measure_safely(cfg, 1, 0, "tiny")
+    assert row["status"] == "oom" and row["error"].startswith("RuntimeError: RESOURCE_EXH")
+    assert row["params"] == gpt_params_by_hand(64, 2, 256) and row["seq_len"] == 32
+    md = B.markdown({"meta": {"devices": 1, "device_kind": "cpu", "platform": "cpu",
+                              "jax": "x", "steps": 1, "warmup": 0, "date": "d",
+                              "mfu_formula": "f"}, "rows": [row]})
+    assert "| tiny | 0.1M | 32 | alibi | xla | 2 | oom: RuntimeError: RESOURCE_EXH" in md
+    assert md.rstrip().endswith("|  |  |  |  | 6.6% |")
+    bad = B.bench_config(defaults(), "tiny", 32, "rope", "xla", 3, 256)
+    bad.train.grad_accum = 2  # 3 sequences cannot split into 2 micro-batches: child fails
+    row = B.measure_safely(bad, 1, 0, "tiny", isolate=True)
+    assert row["status"] == "error" and "train.batch_size: 3 must be divisible" in row["error"]
