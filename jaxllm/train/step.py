@@ -88,7 +88,7 @@ def make_train_step(cfg, model_def, tx):
             zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
             (nll_sum, grads), _ = jax.lax.scan(acc, zero, micro)
         loss = nll_sum / n_tokens
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         rng, sub = jax.random.split(jax.random.wrap_key_data(state["rng"]))
         extra = {}
