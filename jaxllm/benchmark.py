@@ -298,7 +298,7 @@ def _cells(r: dict) -> list[str]:
 
 
 def format_row(r: dict) -> str:
-    return "  ".join(f"{c}={v}" for c, v in zip(COLUMNS, _cells(r)) if v)
+    return "  ".join(f"{c}={v}" for c, v in zip(COLUMNS, _cells(r), strict=True) if v)
 
 
 def markdown(report: dict) -> str:

@@ -170,7 +170,7 @@ def test_chunked_cross_entropy_equals_unchunked_and_saves_memory():
         out[chunk] = compiled(params)
     (l0, g0), (l1, g1) = out[0], out[16]
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
-    for a, c in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    for a, c in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-7)
     logits_bytes = b * t * v * 4
     assert temp[16] < logits_bytes < temp[0], (temp, logits_bytes)
@@ -266,3 +266,31 @@ def test_failed_configurations_become_rows(monkeypatch):
     bad.train.grad_accum = 2  # 3 sequences cannot split into 2 micro-batches: child fails
     row = B.measure_safely(bad, 1, 0, "tiny", isolate=True)
     assert row["status"] == "error" and "train.batch_size: 3 must be divisible" in row["error"]
+
+
+def test_resume_through_device_prefetch_matches_uninterrupted(tmp_path):
+    """The loop prefetches the next batch to the device; a checkpoint still records the data
+    position of the last batch trained on, so stop + resume gives the same losses."""
+    from conftest import tiny_cfg
+
+    from jaxllm.train.loop import train
+
+    def cfg(steps):
+        c = tiny_cfg()
+        c.model.vocab_size = 0
+        c.optim.schedule = "constant"  # the lr must not depend on train.steps here
+        c.train.update(steps=steps, log_every=1, eval_every=0)
+        c.checkpoint.every = 0
+        return c
+
+    def losses(wd):
+        rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if r.get("split") == "train"}
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(cfg(8), str(a))
+    train(cfg(4), str(b))
+    train(cfg(8), str(b))
+    la, lb = losses(a), losses(b)
+    assert sorted(lb) == list(range(1, 9))
+    assert [la[s] for s in range(1, 9)] == [lb[s] for s in range(1, 9)]
