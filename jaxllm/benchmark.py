@@ -131,7 +131,7 @@ def describe(cfg, name: str = "") -> dict:
            "seq_len": cfg.data.seq_len, "pos_encoding": m.pos_encoding,
            "attention_backend": m.attention_backend,
            "attention_impl": resolve_backend(m.attention_backend,
-                                             alibi=m.pos_encoding == "alibi"),
+                                             alibi=m.pos_encoding == "alibi", dtype=m.dtype),
            "dtype": m.dtype, "remat": m.remat, "global_batch": cfg.train.batch_size,
            "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len}
     params = nnx.to_pure_dict(abstract_model(cfg)[1])  # shapes only, nothing allocated
