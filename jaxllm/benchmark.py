@@ -238,6 +238,10 @@ def grid(base, sizes, seq_lens, pos_list, backends, batch=0, tokens_per_batch=0,
             for p in pos_list:
                 for b in backends:
                     nb = batch_for(t, shards, batch, tokens_per_batch)
+                    if nb % shards:
+                        raise ConfigError(
+                            f"--batch: {nb} must be a multiple of mesh.data*mesh.fsdp x "
+                            f"train.grad_accum ({shards}) on {jax.device_count()} devices")
                     out.append((size, bench_config(base, size, t, p, b, nb, vocab)))
     return out
 

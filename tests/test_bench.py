@@ -84,17 +84,33 @@ def test_bench_tiny_writes_table_json_markdown(tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--sizes=2b"], "error: --sizes: unknown size '2b'; allowed: 124m, 350m, 760m, 1.3b"),
-    (["--pos=sinusoidal"], "error: --pos: unknown 'sinusoidal'; allowed: rope, alibi"),
     (["--seq_lens=1k"], "error: --seq_lens: must be comma-separated integers, got 1k"),
-    (["--backends=triton"], "error: --backends: unknown 'triton'; allowed: auto, xla"),
-    (["--steps=0"], "error: --steps must be >= 1 and --warmup >= 0 (got 0, 1)"),
+    (["--steps=many"], "error: --steps=many: invalid literal for int()"),
+    (["--config.model.nope=2"], "error: model.nope: unknown config key; keys under model:"),
+    (["--config=/nonexistent.py"], "error: --config: cannot load /nonexistent.py (no such file)"),
+    (["extra"], "error: unexpected arguments: extra"),
+    ([f"--config={ROOT}/configs/base.py", "--config.train.grad_accum=2", "--batch=3"],
+     "error: --batch: 3 must be a multiple of mesh.data*mesh.fsdp x train.grad_accum (2)"),
 ])
 def test_bench_bad_flags(args, msg):
     r = _bench("--tiny", *args)
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith(msg)
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"sizes": ["2b"]}, "--sizes: unknown size '2b'; allowed: 124m, 350m, 760m, 1.3b, tiny or d"),
+    ({"pos_list": ["sinusoidal"]}, "--pos: unknown 'sinusoidal'; allowed: rope, alibi, learned"),
+    ({"backends": ["triton"]}, "--backends: unknown 'triton'; allowed: auto, xla, cudnn, flash"),
+    ({"seq_lens": [1]}, "--seq_lens: 1 is too short"),
+    ({"steps": 0}, r"--steps must be >= 1 and --warmup >= 0 \(got 0, 1\)"),
+])
+def test_bad_grid_is_refused_before_running(kw, msg):
+    args = {"sizes": ["tiny"], "seq_lens": [32], "pos_list": ["rope"], "backends": ["xla"],
+            "batch": 2, "steps": 1, "warmup": 1, **kw}
+    with pytest.raises(ConfigError, match=msg):
+        B.run(defaults(), **args)
 
 
 def test_batch_sizing_and_sizes():

@@ -18,15 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from jaxllm.cli import _fail, user_errors
+from jaxllm.cli import _fail, _unknown_key, parse_config, user_errors
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "base config file (configs/NAME.py[:ARG]); default: configs/base.py "
-    "defaults. Sizes, seq_lens, pos and backends override its fields", lock_config=True)
+ROOT = Path(__file__).resolve().parents[1]
 flags.DEFINE_list("sizes", ["124m", "350m", "760m", "1.3b"],
                   "model sizes: 124m, 350m, 760m, 1.3b, tiny or d<d>l<layers>h<heads>")
 flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192"], "sequence lengths")
@@ -57,17 +55,27 @@ def _ints(name):
         _fail(f"--{name}: must be comma-separated integers, got {','.join(FLAGS[name].value)}")
 
 
-def main(argv):
-    if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+def main(argv=None):
+    argv = sys.argv if argv is None else argv
+    if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
+        print(__doc__ + "\n" + FLAGS.module_help(sys.modules[__name__]))
+        return
+    extra = [a for a in argv[1:] if not a.startswith("-")]
+    if extra:
+        _fail(f"unexpected arguments: {' '.join(extra)}")
+    try:  # defining it applies --config.KEY=VALUE overrides already
+        config_flags.DEFINE_config_file(
+            "config", str(ROOT / "configs" / "base.py"), "base config file "
+            "(configs/NAME.py[:ARG]); default: configs/base.py. --sizes, --seq_lens, --pos "
+            "and --backends override its fields", lock_config=True)
+    except (AttributeError, KeyError):
+        _fail(_unknown_key(argv))
+    base = parse_config(FLAGS, argv)  # flags and config under the error contract
     with user_errors():
         import jax
 
         from jaxllm import benchmark as B
-        from jaxllm.config import defaults, validate
 
-        base = FLAGS.config
-        base = defaults() if base is None else validate(base.unlock())
         opts = {"sizes": FLAGS.sizes, "seq_lens": _ints("seq_lens"), "pos": FLAGS.pos,
                 "batch": FLAGS.batch, "steps": FLAGS.steps, "warmup": FLAGS.warmup,
                 "vocab": FLAGS.vocab}
@@ -95,4 +103,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
