@@ -191,6 +191,30 @@ def _failure(cfg, name: str, err: str) -> dict:
     return {**row, "status": status, "error": err.strip().splitlines()[0][:300] if err else ""}
 
 
+_PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
+_parent_env: dict = {}
+
+
+def keep_parent_light() -> None:
+    """Call before JAX starts when configurations run in subprocesses: the parent only plans
+    and collects rows, so it must not preallocate accelerator memory (JAX takes 75% of a GPU
+    by default) that the children need. Children get the caller's original setting."""
+    if not _parent_env:
+        _parent_env[_PREALLOCATE] = os.environ.get(_PREALLOCATE)
+        os.environ[_PREALLOCATE] = "false"
+
+
+def _child_env() -> dict:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where jaxllm is
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    if _parent_env:
+        env.pop(_PREALLOCATE, None)
+        if _parent_env[_PREALLOCATE] is not None:
+            env[_PREALLOCATE] = _parent_env[_PREALLOCATE]
+    return env
+
+
 def measure_safely(cfg, steps: int, warmup: int, name: str = "", isolate: bool = False):
     """`measure` in this process (errors become rows) or in a fresh subprocess."""
     if not isolate:
@@ -202,11 +226,8 @@ def measure_safely(cfg, steps: int, warmup: int, name: str = "", isolate: bool =
             jax.clear_caches()
     spec = json.dumps({"config": cfg.to_dict(), "steps": steps, "warmup": warmup,
                        "name": name})
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where jaxllm is
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
     proc = subprocess.run([sys.executable, "-m", "jaxllm.benchmark", spec],
-                          check=False, capture_output=True, text=True, env=env)
+                          check=False, capture_output=True, text=True, env=_child_env())
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_ROW "):
             return json.loads(line[len("BENCH_ROW "):])

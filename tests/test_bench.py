@@ -310,3 +310,17 @@ def test_resume_through_device_prefetch_matches_uninterrupted(tmp_path):
     la, lb = losses(a), losses(b)
     assert sorted(lb) == list(range(1, 9))
     assert [la[s] for s in range(1, 9)] == [lb[s] for s in range(1, 9)]
+
+
+def test_parent_leaves_device_memory_to_isolated_children(monkeypatch):
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+    monkeypatch.setattr(B, "_parent_env", {})
+    B.keep_parent_light()
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    env = B._child_env()
+    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+    assert ROOT in env["PYTHONPATH"].split(os.pathsep)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE")
+    monkeypatch.setattr(B, "_parent_env", {})
+    B.keep_parent_light()
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in B._child_env()

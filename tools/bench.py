@@ -76,6 +76,8 @@ def main(argv=None):
 
         from jaxllm import benchmark as B
 
+        if FLAGS.isolate != "no":  # before JAX starts: children need the device memory
+            B.keep_parent_light()
         opts = {"sizes": FLAGS.sizes, "seq_lens": _ints("seq_lens"), "pos": FLAGS.pos,
                 "batch": FLAGS.batch, "steps": FLAGS.steps, "warmup": FLAGS.warmup,
                 "vocab": FLAGS.vocab}
