@@ -98,7 +98,7 @@ def main(argv=None):
         print()
         print(B.markdown(report), end="")
         if FLAGS.preset == "nanogpt":
-            print("\nAnchor (REFERENCE.md, one H200, same shapes):")
+            print("\nAnchor (REFERENCE.md): GPT-2 124M, T=1024, batch 16, bf16, one H200:")
             for a in B.NANOGPT_ANCHOR:
                 print(f"  {a['system']}: {a['tokens_per_s_per_device']:,} tokens/s, "
                       f"MFU {100 * a['mfu']:.1f}%")
