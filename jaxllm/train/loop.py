@@ -34,7 +34,8 @@ from jaxllm.train import resume
 from jaxllm.train.guard import GUARD_KEYS, SkipTracker, TrainingDiverged
 from jaxllm.train.preempt import Preemption
 from jaxllm.train.resume import check_compatible
-from jaxllm.train.step import bits_per_byte, make_eval_step, make_train_step
+from jaxllm.train.prefetch import DevicePrefetch
+from jaxllm.train.step import bits_per_byte, jit_train_step, make_eval_step
 
 log = logging.getLogger("jaxllm")
 
@@ -111,7 +112,9 @@ def train(cfg, workdir: str, *, nan_steps=()) -> dict:
 def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, nan_steps) -> dict:
     def make_iter(seed):
         c = cfg if seed == cfg.train.seed else _with_seed(cfg, seed)
-        return make_pipeline(c, tokenizer, "train", jax.process_index(), jax.process_count())
+        host = make_pipeline(c, tokenizer, "train", jax.process_index(), jax.process_count())
+        # device batches: the next one is transferred while the current step runs
+        return DevicePrefetch(host, lambda local: parallel.global_batch(local, mesh))
 
     model_def, state, shardings, train_it, restored_from, samples, events = resume.start(
         cfg, mesh, tx, ckpt, make_iter)
@@ -133,9 +136,7 @@ def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, nan_steps) -> dict:
 
     batch_sh = parallel.batch_sharding(mesh)
     with parallel.activate(cfg, mesh):
-        step_fn = jax.jit(make_train_step(cfg, model_def, tx, nan_steps=nan_steps),
-                          donate_argnums=0, in_shardings=(shardings, batch_sh),
-                          out_shardings=(shardings, None))
+        step_fn = jit_train_step(cfg, model_def, tx, shardings, mesh, nan_steps=nan_steps)
         eval_fn = jax.jit(make_eval_step(cfg, model_def),
                           in_shardings=(shardings["params"], batch_sh))
     held_out = eval_batches(cfg, tokenizer)
@@ -164,8 +165,9 @@ def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, nan_steps) -> dict:
     try:
         with parallel.activate(cfg, mesh):
             while step < total:
-                batch = parallel.global_batch(next(train_it), mesh)
-                state, m = step_fn(state, batch)
+                state, m = step_fn(state, next(train_it))
+                if step == step0:  # the first call compiled synchronously: not in tokens/s
+                    window_t = time.perf_counter()
                 step, samples, window_n = step + 1, samples + gb, window_n + 1
                 if pending is not None:
                     flush(pending)

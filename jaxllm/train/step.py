@@ -16,14 +16,25 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxllm import optim
+from jaxllm import optim, parallel
 from jaxllm.train import guard
 
 
+def chunk_size(t: int, chunk: int) -> int:
+    """Tokens per logits chunk: the largest divisor of `t` not above `chunk` (0 = all of t)."""
+    if not chunk or chunk >= t:
+        return t
+    return max(c for c in range(1, chunk + 1) if t % c == 0)
+
+
 def token_nll(model, h, targets, weights, chunk: int):
-    """Sums over tokens: (nll, z^2) and per-token nll, computing logits chunk by chunk."""
+    """Sums over tokens: (nll, z^2) and per-token nll, computing logits chunk by chunk.
+
+    Chunks run one after another (`lax.map`) under `jax.checkpoint`, so the backward pass
+    recomputes each chunk's logits instead of keeping [B, T, vocab] float32 for all tokens.
+    """
     b, t, d = h.shape
-    chunk = t if not chunk or chunk >= t or t % chunk else chunk
+    chunk = chunk_size(t, chunk)
     n = t // chunk
 
     @jax.checkpoint
@@ -99,6 +110,15 @@ def make_train_step(cfg, model_def, tx, *, nan_steps=()):
         return new_state, metrics
 
     return train_step
+
+
+def jit_train_step(cfg, model_def, tx, shardings, mesh, *, nan_steps=()):
+    """The train step under `jax.jit` with explicit shardings and the state donated (its
+    buffers are reused for the new state): the one construction the loop and the benchmark
+    share. Call (or lower) it under `parallel.activate(cfg, mesh)`."""
+    return jax.jit(make_train_step(cfg, model_def, tx, nan_steps=nan_steps), donate_argnums=0,
+                   in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                   out_shardings=(shardings, None))
 
 
 def make_eval_step(cfg, model_def):
