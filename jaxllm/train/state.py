@@ -39,17 +39,20 @@ def param_shardings(cfg, mesh, abstract_params):
 
 
 def opt_shardings(tx, abstract_params, p_shardings, mesh):
-    """Optimizer-state shardings: a leaf that mirrors a parameter (same key path tail) gets
-    that parameter's sharding (a blocked [..., n/bs, bs] leaf adds an unsharded axis);
-    everything else (counts, scalars) is replicated."""
+    """Optimizer-state shardings: a leaf that mirrors a parameter (its key path ends with
+    the parameter's path) gets that parameter's sharding: unchanged for the same shape
+    (Adam/Lion/Sophia moments, Sophia's h, 8-bit codes), fitted for the same rank (8-bit
+    Adam's per-block absmax [..., n/b]: a mesh axis stays where it divides), plus an
+    unsharded trailing axis for a blocked [..., n/b, b] layout. Everything else (counts,
+    scalars) is replicated."""
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    pick = lambda path, leaf: _match(path, leaf, abstract_params, p_shardings, mesh)  # noqa
+    pick = lambda path, leaf: _match(path, leaf, abstract_params, p_shardings, mesh)
     return jax.tree_util.tree_map_with_path(pick, abstract_opt), abstract_opt
 
 
 def _match(path, leaf, params, shardings, mesh):
     keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
-    # find the longest suffix of the path that addresses a parameter
+    # the longest suffix of the path that addresses a parameter
     for start in range(len(keys)):
         node, snode, ok = params, shardings, True
         for k in keys[start:]:
@@ -58,12 +61,17 @@ def _match(path, leaf, params, shardings, mesh):
             else:
                 ok = False
                 break
-        if ok and hasattr(node, "shape"):
-            if tuple(node.shape) == tuple(leaf.shape):
-                return snode
-            spec = snode.spec
-            if len(leaf.shape) == len(node.shape) + 1:  # blocked layout [..., n/bs, bs]
-                return NamedSharding(mesh, PartitionSpec(*spec, None))
+        if not (ok and hasattr(node, "shape")):
+            continue
+        shape, spec = tuple(leaf.shape), snode.spec
+        if shape == tuple(node.shape):
+            return snode
+        if len(shape) == len(node.shape):
+            return NamedSharding(mesh, parallel.fit_spec(spec, shape, mesh))
+        if len(shape) == len(node.shape) + 1:  # blocked layout [..., n/bs, bs]
+            return NamedSharding(mesh, parallel.fit_spec(PartitionSpec(*spec, None), shape,
+                                                         mesh))
+        break
     return NamedSharding(mesh, PartitionSpec())
 
 
