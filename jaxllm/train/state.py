@@ -91,17 +91,21 @@ def abstract_state(cfg, mesh, tx):
     return ModelDef(graphdef, cfg), tree, shardings
 
 
-def init_state(cfg, mesh, tx):
-    """A fresh train state {step, params, opt_state, rng}, created sharded."""
-    model_def, _, shardings = abstract_state(cfg, mesh, tx)
-
+def init_fn(cfg, tx):
+    """The initializer of the train state (to run under jax.jit with out_shardings)."""
     def init():
         model = Transformer(cfg, nnx.Rngs(cfg.train.seed))
         params = nnx.to_pure_dict(nnx.split(model)[1])
         return {"step": jnp.zeros((), jnp.int32), "params": params,
                 "opt_state": tx.init(params),
                 "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1))}
+    return init
 
+
+def init_state(cfg, mesh, tx):
+    """A fresh train state {step, params, opt_state, rng}, created sharded: each device
+    computes only its own shards (sharding-invariant threefry random numbers)."""
+    model_def, _, shardings = abstract_state(cfg, mesh, tx)
     with parallel.activate(cfg, mesh):
-        state = jax.jit(init, out_shardings=shardings)()
+        state = jax.jit(init_fn(cfg, tx), out_shardings=shardings)()
     return model_def, state, shardings
