@@ -104,25 +104,30 @@ def shardings():
 
 
 def init_memory():
-    """Compiled init of a wider model on fsdp=8: per-device output and temp bytes against
-    the whole parameter bytes (nothing may be materialized whole on one device)."""
+    """The compiled (partitioned) initializer on fsdp=8: the largest array any device
+    touches, against the largest parameter and its shard; and per-device output bytes."""
+    import re
+
     from jaxllm.train.loop import resolve
     from jaxllm.train.state import abstract_state, init_fn
     cfg = tiny_cfg((1, 8, 1))
-    cfg.model.update(d_model=256, n_heads=8, n_layers=2)
+    cfg.model.update(d_model=256, n_heads=8, n_layers=2, d_ff=1024)
     resolve(cfg)
     mesh = parallel.make_mesh(cfg)
     tx = optim.build_optimizer(cfg)
     _, tree, sh = abstract_state(cfg, mesh, tx)
     with parallel.activate(cfg, mesh):
         compiled = jax.jit(init_fn(cfg, tx), out_shardings=sh).lower().compile()
-    mem = compiled.memory_analysis()
-    whole = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-    biggest = max(int(np.prod(x.shape)) * x.dtype.itemsize
-                  for x in jax.tree.leaves(tree["params"]))
-    return {"whole_state_bytes": whole, "largest_param_bytes": biggest,
-            "output_bytes": int(mem.output_size_in_bytes),
-            "temp_bytes": int(mem.temp_size_in_bytes)}
+    sizes = [int(np.prod([int(d) for d in dims.split(",") if d]))
+             for dims in re.findall(r"\b(?:f32|u32|s32|u8|bf16)\[([0-9,]*)\]",
+                                    compiled.as_text())]
+    params = jax.tree.leaves(tree["params"])
+    largest = max(params, key=lambda x: x.size)
+    return {"max_hlo_elements": max(sizes), "largest_param_elements": int(largest.size),
+            "largest_shard_elements": int(np.prod(largest.sharding.shard_shape(largest.shape))),
+            "output_bytes": int(compiled.memory_analysis().output_size_in_bytes),
+            "whole_state_bytes": sum(int(x.size) * x.dtype.itemsize
+                                     for x in jax.tree.leaves(tree))}
 
 
 def restore(dirs):
