@@ -40,10 +40,10 @@ log = logging.getLogger("jaxllm")
 # --------------------------------------------------------------------------- multi-host
 
 
-def _slurm_tasks_on_node() -> int | None:
+def _slurm_tasks_on_node(env) -> int | None:
     """Tasks of this SLURM step on this node (SLURM_STEP_TASKS_PER_NODE: '4(x2),3' ...)."""
-    spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
-    node = os.environ.get("SLURM_NODEID")
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    node = env.get("SLURM_NODEID")
     if not spec or node is None:
         return None
     counts = []
@@ -103,7 +103,7 @@ def distributed_args(cfg, environ=None) -> dict | None:
         args["num_processes"] = d.num_processes
     if d.process_id >= 0:
         args["process_id"] = d.process_id
-    if kind == "slurm" and _slurm_tasks_on_node() == 1 and env.get("SLURM_GPUS_ON_NODE"):
+    if kind == "slurm" and _slurm_tasks_on_node(env) == 1 and env.get("SLURM_GPUS_ON_NODE"):
         args["local_device_ids"] = list(range(int(env["SLURM_GPUS_ON_NODE"])))
     return args
 
@@ -173,7 +173,8 @@ def abstract_mesh(cfg, n_devices: int) -> jax.sharding.AbstractMesh:
 
 
 def rules(cfg) -> tuple:
-    """`mesh.rules` as ((logical name, mesh axis | (axes...) | None), ...), checked."""
+    """`mesh.rules` as ((logical name, mesh axis | (axes...) | None), ...), checked; a
+    logical name the rules leave out is replicated (mapped to None)."""
     out = []
     for entry in cfg.mesh.rules:
         if len(entry) != 2 or entry[0] not in LOGICAL:
@@ -186,7 +187,8 @@ def rules(cfg) -> tuple:
                 raise ConfigError(f"mesh.rules: {name!r} -> {axis!r} is not a mesh axis; "
                                   f"allowed: {', '.join(AXES)} or None")
         out.append((name, v))
-    return tuple(out)
+    given = {name for name, _ in out}
+    return tuple(out) + tuple((name, None) for name in LOGICAL if name not in given)
 
 
 @contextlib.contextmanager
