@@ -131,8 +131,8 @@ def mesh_shape(cfg, n_devices: int) -> tuple[int, int, int]:
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if n_devices % known:
-            raise ConfigError(f"mesh: {dict(zip(AXES, sizes))} cannot fill {n_devices} devices "
-                              f"({n_devices} is not a multiple of {known})")
+            raise ConfigError(f"mesh: {dict(zip(AXES, sizes, strict=True))} cannot fill "
+                              f"{n_devices} devices ({n_devices} is not a multiple of {known})")
         sizes[sizes.index(-1)] = n_devices // known
     if int(np.prod(sizes)) != n_devices:
         raise ConfigError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but there are "
@@ -207,18 +207,6 @@ def state_shardings(abstract_state, mesh, cfg):
         specs = nnx.get_partition_spec(abstract_state)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
-def fit_spec(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
-    """`spec` padded/cut to len(shape), each entry kept only where its mesh size divides
-    the dimension (e.g. a per-block scale [..., n/b] of a parameter sharded over n)."""
-    entries = list(spec) + [None] * (len(shape) - len(spec))
-    out = []
-    for dim, axes in zip(shape, entries[: len(shape)]):
-        names = axes if isinstance(axes, tuple) else () if axes is None else (axes,)
-        size = int(np.prod([mesh.shape[a] for a in names]))
-        out.append(axes if dim % size == 0 else None)
-    return PartitionSpec(*out)
 
 
 def batch_sharding(mesh) -> NamedSharding:

@@ -112,7 +112,7 @@ def report(cfg, n_devices: int) -> dict:
            "opt_state": per_device_bytes(opt), "activations": act["total"]}
     per["total"] = sum(per.values())
     return {
-        "mesh": dict(zip(parallel.AXES, shape)), "devices": n_devices,
+        "mesh": dict(zip(parallel.AXES, shape, strict=True)), "devices": n_devices,
         "param_count": int(sum(math.prod(x.shape) for x in jax.tree.leaves(params))),
         "per_device": per,
         "global": {"params": global_bytes(params), "opt_state": global_bytes(opt)},

@@ -153,7 +153,8 @@ def restore(dirs):
     diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))),
                          a["params"], b["params"])
     sharding = a["params"]["embed"]["embedding"].sharding
-    return {"steps": [int(s["step"]) for s in states], "max_param_diff": max(jax.tree.leaves(diffs)),
+    return {"steps": [int(s["step"]) for s in states],
+            "max_param_diff": max(jax.tree.leaves(diffs)),
             "max_param_abs": float(max(np.max(np.abs(np.asarray(x)))
                                        for x in jax.tree.leaves(a["params"]))),
             "mesh": dict(sharding.mesh.shape), "devices": len(sharding.mesh.devices.flat)}

@@ -75,7 +75,9 @@ def test_optimizer_state_follows_parameters(shard_info, opt):
             assert v["spec"] == p["spec"], (key, v, p)
             n_param_like += 1
         elif len(v["shape"]) == len(p["shape"]):  # per-block absmax [..., n/b]
-            for dim, s, ps in zip(v["shape"], v["spec"] + [None] * 9, p["spec"] + [None] * 9):
+            n = len(v["shape"])
+            for s, ps in zip((v["spec"] + [None] * n)[:n], (p["spec"] + [None] * n)[:n],
+                             strict=True):
                 assert s in (ps, None), (key, v, p)
             fitted += any(s is not None for s in v["spec"])
     assert n_param_like >= 2 * len(params), (opt, n_param_like, len(params))

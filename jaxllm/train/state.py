@@ -12,9 +12,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxllm import parallel
+from jaxllm import optim, parallel
 from jaxllm.model.transformer import Transformer
 
 
@@ -39,40 +38,13 @@ def param_shardings(cfg, mesh, abstract_params):
 
 
 def opt_shardings(tx, abstract_params, p_shardings, mesh):
-    """Optimizer-state shardings: a leaf that mirrors a parameter (its key path ends with
-    the parameter's path) gets that parameter's sharding: unchanged for the same shape
-    (Adam/Lion/Sophia moments, Sophia's h, 8-bit codes), fitted for the same rank (8-bit
-    Adam's per-block absmax [..., n/b]: a mesh axis stays where it divides), plus an
-    unsharded trailing axis for a blocked [..., n/b, b] layout. Everything else (counts,
-    scalars) is replicated."""
+    """Optimizer-state shardings (`optim.opt_state_shardings`): every leaf of a subtree
+    shaped like the parameters takes its parameter's sharding (Adam/Lion/Sophia moments,
+    Sophia's h, 8-bit codes), fitted to the leaf's shape (8-bit Adam's per-block absmax
+    [..., n/b] keeps a mesh axis only where it divides); counts and scalars are replicated."""
+    del mesh
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    pick = lambda path, leaf: _match(path, leaf, abstract_params, p_shardings, mesh)
-    return jax.tree_util.tree_map_with_path(pick, abstract_opt), abstract_opt
-
-
-def _match(path, leaf, params, shardings, mesh):
-    keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
-    # the longest suffix of the path that addresses a parameter
-    for start in range(len(keys)):
-        node, snode, ok = params, shardings, True
-        for k in keys[start:]:
-            if isinstance(node, dict) and k in node:
-                node, snode = node[k], snode[k]
-            else:
-                ok = False
-                break
-        if not (ok and hasattr(node, "shape")):
-            continue
-        shape, spec = tuple(leaf.shape), snode.spec
-        if shape == tuple(node.shape):
-            return snode
-        if len(shape) == len(node.shape):
-            return NamedSharding(mesh, parallel.fit_spec(spec, shape, mesh))
-        if len(shape) == len(node.shape) + 1:  # blocked layout [..., n/bs, bs]
-            return NamedSharding(mesh, parallel.fit_spec(PartitionSpec(*spec, None), shape,
-                                                         mesh))
-        break
-    return NamedSharding(mesh, PartitionSpec())
+    return optim.opt_state_shardings(abstract_opt, abstract_params, p_shardings), abstract_opt
 
 
 def abstract_state(cfg, mesh, tx):

@@ -77,7 +77,7 @@ def make_train_step(cfg, model_def, tx):
             zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
             (nll_sum, grads), _ = jax.lax.scan(acc, zero, micro)
         loss = nll_sum / n_tokens
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         rng, sub = jax.random.split(jax.random.wrap_key_data(state["rng"]))
         extra = {}
@@ -88,7 +88,8 @@ def make_train_step(cfg, model_def, tx):
             extra = {"hessian": hess, "refresh": refresh}
         updates, new_opt = tx.update(grads, opt_state, params, **extra)
         new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa
+        def keep(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
                      "opt_state": keep(new_opt, opt_state), "rng": jax.random.key_data(rng)}
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
