@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from _distutil import ROOT, env, run_worker
 
 COMMON = [
@@ -38,10 +37,16 @@ def rows(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def test_two_processes(tmp_path):
+    """One run (one xdist worker) for the three checks below."""
+    runs = start_runs(tmp_path)
+    check_two_processes_match_one(runs)
+    check_only_process_zero_logs(runs)
+    check_collective_checkpoint_restores_in_one_process(runs)
+
+
+def start_runs(base):
     """One 8-device process and two 4-device processes, started together."""
-    base = tmp_path_factory.mktemp("mh")
     ref, multi = base / "ref", base / "multi"
     port = free_port()
     procs = [subprocess.Popen(train_cmd(ref), env=env(8), cwd=ROOT, text=True,
@@ -65,7 +70,7 @@ def runs(tmp_path_factory):
     return ref, multi, outs
 
 
-def test_two_processes_match_one(runs):
+def check_two_processes_match_one(runs):
     ref, multi, _ = runs
     a = [r for r in rows(ref) if r.get("split") == "train"]
     b = [r for r in rows(multi) if r.get("split") == "train"]
@@ -77,7 +82,7 @@ def test_two_processes_match_one(runs):
     assert len(start) == 1 and start[0]["processes"] == 2 and start[0]["devices"] == 8
 
 
-def test_only_process_zero_logs(runs):
+def check_only_process_zero_logs(runs):
     _, multi, outs = runs
     r = rows(multi)
     assert len([x for x in r if x.get("split") == "train"]) == 10  # not 20: one writer
@@ -86,7 +91,7 @@ def test_only_process_zero_logs(runs):
     assert "--- sample ---" in outs[1][1] and "--- sample ---" not in outs[2][1]
 
 
-def test_collective_checkpoint_restores_in_one_process(runs):
+def check_collective_checkpoint_restores_in_one_process(runs):
     """Both processes wrote one checkpoint (per-process OCDBT files, one data-iterator
     state each); one process with a (8,1,1) mesh restores it equal to the reference's."""
     ref, multi, _ = runs

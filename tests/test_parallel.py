@@ -25,18 +25,17 @@ def test_meshes_match_one_device(opt):
         assert rel.max() < 1e-4, (opt, mesh, rel.max(), losses, ref.tolist())
 
 
-@pytest.fixture(scope="module")
-def shard_info():
-    return run_worker("shardings")
+def test_shardings():
+    """One subprocess (one xdist worker) for all sharding inspections below."""
+    info = run_worker("shardings")
+    check_fsdp_and_tensor_shard_parameters(info)
+    for opt in ("adamw", "adam8bit", "sophia_g"):
+        check_optimizer_state_follows_parameters(info, opt)
+    check_activation_constraints(info)
+    check_parameters_are_born_sharded(info)
 
 
-def _leaf(leaves, suffix):
-    hits = [v for k, v in leaves.items() if k.endswith(suffix)]
-    assert hits, f"no leaf ending in {suffix}: {sorted(leaves)[:20]}"
-    return hits
-
-
-def test_fsdp_and_tensor_shard_parameters(shard_info):
+def check_fsdp_and_tensor_shard_parameters(shard_info):
     """Mesh (1,4,2): `embed` -> fsdp (4), heads / kv_heads / mlp / vocab -> tensor (2);
     each device holds exactly the shard the spec says."""
     p = {k[len("params/"):]: v for k, v in shard_info["adamw"].items() if k.startswith("params/")}
@@ -55,8 +54,7 @@ def test_fsdp_and_tensor_shard_parameters(shard_info):
         assert p[name]["shard"] == shard, (name, p[name])
 
 
-@pytest.mark.parametrize("opt", ["adamw", "adam8bit", "sophia_g"])
-def test_optimizer_state_follows_parameters(shard_info, opt):
+def check_optimizer_state_follows_parameters(shard_info, opt):
     """Every optimizer-state leaf shaped like its parameter has the parameter's spec (Adam
     moments, Sophia's m and h, 8-bit codes); 8-bit Adam's per-block absmax keeps the
     parameter's spec where the mesh divides it; counts are replicated."""
@@ -88,7 +86,7 @@ def test_optimizer_state_follows_parameters(shard_info, opt):
     assert fsdp, "fsdp shards no optimizer state"
 
 
-def test_activation_constraints(shard_info):
+def check_activation_constraints(shard_info):
     """Under the (2,2,2) mesh the residual stream is split over batch (data, fsdp) only
     (`embed` yields fsdp to batch), attention heads additionally over tensor."""
     a = shard_info["activations"]
@@ -96,7 +94,7 @@ def test_activation_constraints(shard_info):
     assert a["heads"] == [["data", "fsdp"], None, "tensor"]
 
 
-def test_parameters_are_born_sharded(shard_info):
+def check_parameters_are_born_sharded(shard_info):
     """The jitted initializer on fsdp=8 is partitioned: no device ever holds an array bigger
     than the largest parameter's shard (the whole parameter is 8x that), and each writes
     1/8 of the state."""
