@@ -55,20 +55,33 @@ def _slurm_tasks_on_node(env) -> int | None:
     return counts[int(node)] if int(node) < len(counts) else None
 
 
+TPU_ENV = ("TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "TPU_ACCELERATOR_TYPE",
+           "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _tpu_vm(env) -> bool:
+    """A Cloud TPU VM: its runtime variables, or TPU device files with libtpu installed."""
+    if any(env.get(k) for k in TPU_ENV):
+        return True
+    import importlib.util
+    return (os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")) and \
+        importlib.util.find_spec("libtpu") is not None
+
+
 def detect_cluster(environ=None) -> str | None:
-    """Which multi-process launcher started us: 'slurm', 'tpu' or None (one process).
+    """Which launcher started us: 'slurm', 'tpu' or None (a plain single process).
 
     SLURM: inside an `srun` step of more than one task (the variables JAX's own SLURM
-    detection reads). TPU: a multi-host Cloud TPU slice (several worker hostnames, or a
-    Multislice coordinator); a single TPU VM is one process and needs no initialization.
+    detection reads). TPU: any Cloud TPU VM; JAX reads the slice's workers from the TPU
+    metadata, and initializing is recommended even on one host (JAX docs) and required
+    on a pod for collective checkpoints.
     """
     env = os.environ if environ is None else environ
     slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
              "SLURM_LOCALID")
     if all(k in env for k in slurm) and int(env["SLURM_NTASKS"]) > 1:
         return "slurm"
-    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-    if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    if _tpu_vm(env):
         return "tpu"
     return None
 
@@ -81,10 +94,11 @@ def distributed_args(cfg, environ=None) -> dict | None:
        process to one GPU behind our back: each process uses every device it can see
        (launch/slurm.sbatch sets CUDA_VISIBLE_DEVICES for one-process-per-GPU runs).
     2. Auto-detected (`dist.coordinator` empty): a SLURM step of several tasks or a
-       multi-host TPU slice; JAX reads the coordinator, process count and id from the
-       environment (SLURM variables; TPU metadata). `dist.num_processes`/`process_id`,
-       when set, override what is detected. Under SLURM, JAX assumes one process per GPU
-       (it picks GPU SLURM_LOCALID); with one task on the node we keep all its GPUs.
+       Cloud TPU VM (one host or a pod slice); JAX reads the coordinator, process count
+       and id from the environment (SLURM variables; TPU metadata). `dist.num_processes`
+       and `dist.process_id`, when set, override what is detected. Under SLURM, JAX
+       assumes one process per GPU (it picks GPU SLURM_LOCALID); with one task on the
+       node we keep all its GPUs (SLURM_GPUS_ON_NODE).
     3. Otherwise: a single process; nothing to initialize.
     """
     env = os.environ if environ is None else environ

@@ -33,7 +33,6 @@ def test_distributed_args_explicit_and_single():
                     "process_id": 2, "cluster_detection_method": "deactivate"}
     assert parallel.distributed_args(cfg(), {}) is None
     assert parallel.distributed_args(cfg(), {**SLURM, "SLURM_NTASKS": "1"}) is None
-    assert parallel.distributed_args(cfg(), {"TPU_WORKER_HOSTNAMES": "t0"}) is None
     with pytest.raises(ConfigError, match="dist.num_processes: more than one process needs"):
         parallel.distributed_args(cfg(num_processes=2), {})
 
@@ -54,6 +53,7 @@ def test_distributed_args_auto_detected():
     assert parallel.detect_cluster(tpu) == "tpu"
     assert parallel.distributed_args(cfg(), tpu) == {}
     assert parallel.detect_cluster({"MEGASCALE_COORDINATOR_ADDRESS": "h:8080"}) == "tpu"
+    assert parallel.distributed_args(cfg(), {"TPU_ACCELERATOR_TYPE": "v4-8"}) == {}
 
 
 def amesh(d, f, t):
