@@ -104,6 +104,17 @@ def test_dummy_prefix_model_still_exact(tmp_path):
         assert tok.token_bytes(ids).sum() == len(text.encode())
 
 
+def test_prefix_space_byte_bpe_still_exact(trained, tmp_path):
+    """A RoBERTa-style byte-level BPE (add_prefix_space) is loaded without the prefix."""
+    spec = json.loads(trained["byte_bpe"].tok.to_str())
+    spec["pre_tokenizer"]["add_prefix_space"] = True
+    (tmp_path / "prefix.json").write_text(json.dumps(spec))
+    tok = load_tokenizer(str(tmp_path / "prefix.json"))
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text and tok.token_bytes(ids).sum() == len(text.encode())
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match=r"data.tokenizer: .*missing.model"):
         load_tokenizer(str(tmp_path / "missing.model"))
@@ -137,8 +148,9 @@ def test_train_tokenizer_cli(tmp_path, capsys):
     from tools.train_tokenizer import main
 
     src = tmp_path / "docs.jsonl"
-    src.write_text("\n".join(json.dumps({"text": pathlib.Path(json.__file__).read_text()[i:i + 500]})
-                             for i in range(0, 10000, 500)) + "\n{broken\n")
+    body = pathlib.Path(json.__file__).read_text()
+    src.write_text("\n".join(json.dumps({"text": body[i:i + 500]}) for i in range(0, 10000, 500))
+                   + "\n{broken\n")
     out = tmp_path / "bpe"
     assert main(["--kind=byte_bpe", "--vocab_size=300", f"--output={out}",
                  "--input", str(src), "--no_progress"]) == 0

@@ -22,6 +22,8 @@ Packing (`data.packing`):
 
 Train: shuffled from `train.seed`, repeated forever, each process reads the disjoint
 elements `process_index::process_count` (of the shuffled, mixed stream, before packing).
+With `concat` the global batch of a step holds the same windows for any process count;
+with `first_fit` each process packs its own elements, so rows depend on the process count.
 Eval: deterministic and finite (one pass); every process walks the same global rows and
 takes its slice of each global batch, the last global batch padded with segment-0 rows, so
 all processes see the same number of batches. Padding anywhere (first-fit rows, padded eval
@@ -39,6 +41,7 @@ import weakref
 import grain
 import numpy as np
 
+from jaxllm.config import ConfigError
 from jaxllm.data.corpus import embedded_documents, expand_inputs
 from jaxllm.data.prepare import PreparedData, cache_dir_for, eval_mask, prepare
 
@@ -50,10 +53,14 @@ READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
 
 def token_stream(tokenizer, documents) -> np.ndarray:
     """Concatenate encoded documents, each followed by EOS."""
+    texts = [text for _, text in documents]
+    if hasattr(tokenizer, "encode_batch"):
+        encoded = tokenizer.encode_batch(texts)
+    else:
+        encoded = map(getattr(tokenizer, "encode_array", tokenizer.encode), texts)
     parts = []
-    encode = getattr(tokenizer, "encode_array", tokenizer.encode)
-    for _, text in documents:
-        parts.append(np.asarray(encode(text), dtype=np.int32))
+    for ids in encoded:
+        parts.append(np.asarray(ids, dtype=np.int32))
         parts.append(np.asarray([tokenizer.eos_id], dtype=np.int32))
     return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
 
@@ -182,7 +189,9 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
 
 
 def open_prepared(path: str, cfg, tokenizer, key: str) -> PreparedData:
-    """A prepared directory, or raw files/globs prepared once into a cache beside them."""
+    """A prepared directory, or raw files/globs prepared once into a cache beside them (in
+    this process: no worker processes inside a training job; for big corpora run
+    tools/prepare_data.py, which tokenizes in parallel)."""
     import pathlib
 
     p = pathlib.Path(path).expanduser()
@@ -194,8 +203,8 @@ def open_prepared(path: str, cfg, tokenizer, key: str) -> PreparedData:
         if not (cache / "manifest.json").exists():
             try:
                 prepare(files, str(cache), cfg.data.tokenizer, text_field=cfg.data.text_field,
-                        progress=False, overwrite=True)
-            except OSError:  # another process finished first: use its copy
+                        workers=1, progress=False)
+            except (OSError, ValueError):  # another process finished first: use its copy
                 if not (cache / "manifest.json").exists():
                     raise
         data = PreparedData(str(cache), key)
@@ -236,10 +245,22 @@ def _pad_and_slice(batch: dict, size: int, index: int, count: int, pad_id: int) 
 
 def make_pipeline(cfg, tokenizer, split: str = "train", process_index: int = 0,
                   process_count: int = 1, batch_size: int | None = None):
-    """A checkpointable iterator of per-process batches (dict of [local_batch, seq_len])."""
+    """A checkpointable iterator of per-process batches (dict of [local_batch, seq_len]).
+
+    Bad data settings or files raise ConfigError (a ValueError) naming the key and file.
+    """
+    try:
+        return _make_pipeline(cfg, tokenizer, split, process_index, process_count, batch_size)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _make_pipeline(cfg, tokenizer, split, process_index, process_count, batch_size):
     batch_size = batch_size or cfg.train.batch_size
     if batch_size % process_count:
-        raise ValueError(f"train.batch_size {batch_size} not divisible by "
+        raise ValueError(f"train.batch_size: {batch_size} is not divisible by "
                          f"{process_count} processes")
     if split not in ("train", "eval"):
         raise ValueError(f"split: got {split!r}; allowed: train, eval")
@@ -261,8 +282,8 @@ def make_pipeline(cfg, tokenizer, split: str = "train", process_index: int = 0,
         if packing == "concat":
             it = ds.batch(local, drop_remainder=True).to_iter_dataset(READ)
         else:
-            it = first_fit(ds.to_iter_dataset(READ), seq_len, seed, True, bins, tokenizer.pad_id).batch(
-                local, drop_remainder=True)
+            it = first_fit(ds.to_iter_dataset(READ), seq_len, seed, True, bins,
+                           tokenizer.pad_id).batch(local, drop_remainder=True)
     else:
         ds = grain.MapDataset.concatenate([ds for ds, _ in sources])
         it = ds.to_iter_dataset(READ)

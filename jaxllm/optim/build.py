@@ -125,7 +125,10 @@ def _leaf_name(path) -> str:
 def decay_mask(params, decay_embeddings: bool = False):
     """Pytree of bools like `params`: True where decoupled weight decay applies."""
     skip = NO_DECAY_NAMES + (() if decay_embeddings else EMBEDDING_NAMES)
-    return jax.tree_util.tree_map_with_path(lambda p, _: _leaf_name(p) not in skip, params)
+    def decays(path, _):
+        name = _leaf_name(path)
+        return not (name in skip or name.endswith("_bias"))  # the model's q_bias, up_bias, ...
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def skip_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
