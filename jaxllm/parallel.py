@@ -172,9 +172,13 @@ def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
     devices = devices if devices is not None else jax.devices()
     shape = mesh_shape(cfg, len(devices))
     check_mesh(cfg, shape)
-    if cfg.train.batch_size % jax.process_count():
+    n_proc = jax.process_count()
+    if cfg.train.batch_size % n_proc:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} must be divisible by "
-                          f"the process count ({jax.process_count()})")
+                          f"the process count ({n_proc})")
+    if (shape[0] * shape[1]) % n_proc:
+        raise ConfigError(f"mesh: data*fsdp ({shape[0] * shape[1]}) must be a multiple of the "
+                          f"process count ({n_proc}): each process feeds its own batch rows")
     rules(cfg)
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
@@ -240,8 +244,3 @@ def global_batch(local: dict, mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local.items()}
 
-
-def replicate(x, mesh):
-    """A host value identical on every process -> one replicated global array."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, replicated(mesh), lambda idx: x[idx])

@@ -56,6 +56,20 @@ def test_distributed_args_auto_detected():
     assert parallel.distributed_args(cfg(), {"TPU_ACCELERATOR_TYPE": "v4-8"}) == {}
 
 
+def test_mesh_must_split_batch_across_processes(monkeypatch):
+    """With several processes each one feeds its own rows: data*fsdp must cover them."""
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    c = small()
+    c.mesh.update(data=1, fsdp=1, tensor=1)
+    with pytest.raises(ConfigError, match=r"mesh: data\*fsdp \(1\) must be a multiple of the "
+                       r"process count \(2\)"):
+        parallel.make_mesh(c, jax.devices()[:1])
+    c.train.batch_size = 7
+    with pytest.raises(ConfigError, match="train.batch_size: 7 must be divisible by the "
+                       "process count"):
+        parallel.make_mesh(c, jax.devices()[:1])
+
+
 def amesh(d, f, t):
     return AbstractMesh((d, f, t), parallel.AXES, axis_types=(AxisType.Auto,) * 3)
 
