@@ -39,7 +39,7 @@ die() { echo "error: $*" >&2; exit 2; }
 case "$platform" in auto|gpu|cpu) ;; *) die "--platform: got '$platform'; allowed: auto, gpu, cpu" ;; esac
 [[ "$devices" =~ ^[0-9]+$ ]] || die "--devices: must be a non-negative integer, got '$devices'"
 if [[ "$platform" == auto ]]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+  if command -v nvidia-smi >/dev/null 2>&1 && [[ "$(nvidia-smi -L 2>/dev/null)" == GPU* ]]; then
     platform=gpu
   else
     platform=cpu

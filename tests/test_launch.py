@@ -52,6 +52,20 @@ def test_local_gpu_dry_run():
     assert "--xla_gpu_enable_command_buffer= " in off.stdout.replace("'", "") + " "
 
 
+def test_local_auto_platform(tmp_path):
+    """auto: gpu when `nvidia-smi -L` lists a GPU (a fake one here), else cpu."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do\n"
+                    "  echo \"GPU $i: NVIDIA H100 (UUID: x)\"\ndone\n")
+    fake.chmod(0o755)
+    path = f"{tmp_path}:{os.environ['PATH']}"
+    env, _ = env_split(shlex.split(sh("local.sh", "--dry-run", env={"PATH": path}).stdout))
+    assert env["JAX_PLATFORMS"] == "cuda"
+    fake.write_text("#!/bin/sh\necho 'No devices were found'\n")
+    env, _ = env_split(shlex.split(sh("local.sh", "--dry-run", env={"PATH": path}).stdout))
+    assert env["JAX_PLATFORMS"] == "cpu"
+
+
 def test_local_cpu_dry_run_and_errors():
     env, argv = env_split(shlex.split(sh("local.sh", "--dry-run", "--platform=cpu",
                                          "--devices=8", "--", "--workdir=w").stdout))
@@ -179,5 +193,9 @@ def test_slurm_per_node_and_errors(tmp_path):
                         " --config.dist.num_processes=2 --config.dist.process_id=$SLURM_PROCID")
     p = sh("slurm.sbatch", "--dry-run", check=False)
     assert p.returncode == 2 and p.stderr.startswith("error: SLURM_JOB_ID is not set")
+    p = sh("slurm.sbatch", "--dry-run", env={**env, "SLURM_JOB_NODELIST": "h[1-9]"},
+           check=False)
+    assert p.returncode == 2 and p.stderr.startswith(
+        "error: scontrol show hostnames 'h[1-9]' failed"), p.stderr
     p = sh("slurm.sbatch", "--dry-run", "--port=x", env=env, check=False)
     assert p.returncode == 2 and p.stderr.startswith("error: --port: must be a number")
