@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 
 from _distutil import ROOT
 
@@ -48,6 +49,12 @@ def test_local_gpu_dry_run():
         "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL"]
     assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.90"
     assert env["JAX_PLATFORMS"] == "cuda"
+    # this jaxlib's XLA parses every flag and value at start-up (a bad one aborts)
+    p = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(jnp.ones(2).sum())"],
+                       env={**os.environ, "JAX_PLATFORMS": "cpu",
+                            "XLA_FLAGS": env["XLA_FLAGS"].replace("--xla_dump_to=/tmp/d", "")},
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0 and p.stdout.strip() == "2.0", p.stderr[-2000:]
     off = sh("local.sh", "--dry-run", "--platform=gpu", env={"JAXLLM_COMMAND_BUFFER": ""})
     assert "--xla_gpu_enable_command_buffer= " in off.stdout.replace("'", "") + " "
 
