@@ -14,7 +14,7 @@ import math
 from ml_collections import ConfigDict, config_dict
 
 POS_ENCODINGS = ("rope", "alibi", "learned", "none")
-ACTIVATIONS = ("relu", "gelu", "swish", "glu", "reglu", "geglu", "swiglu")
+ACTIVATIONS = ("relu", "gelu", "gelu_exact", "swish", "glu", "reglu", "geglu", "swiglu")
 GATED = {"glu": "sigmoid", "reglu": "relu", "geglu": "gelu", "swiglu": "swish"}
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -56,7 +56,8 @@ def defaults() -> ConfigDict:
     m.pos_encoding = "rope"  # rope | alibi | learned | none
     m.rope_base = 10000.0  # RoPE theta base (half-split layout, GPT-NeoX style)
     m.max_position = 0  # learned position table size; 0 = data.seq_len
-    m.activation = "gelu"  # relu | gelu | swish | glu | reglu | geglu | swiglu
+    # gelu is the tanh approximation (GPT-2 gelu_new); gelu_exact the erf form (MPT)
+    m.activation = "gelu"  # relu | gelu | gelu_exact | swish | glu | reglu | geglu | swiglu
     m.norm = "layernorm"  # layernorm | rmsnorm
     m.norm_eps = 1e-5  # epsilon of every norm
     m.use_bias = True  # biases in linear layers and LayerNorm

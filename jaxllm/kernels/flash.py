@@ -48,7 +48,7 @@ MASKED = -1e30  # finite "minus infinity": keeps exp2(m_old - m_new) free of inf
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes (powers of two). `*_dq` and `*_dkv` are the backward kernels' tiles."""
+    """Tile sizes (powers of two >= 16). `*_dq` and `*_dkv` are the backward kernels' tiles."""
 
     block_q: int = 64
     block_k: int = 64
@@ -56,6 +56,19 @@ class BlockSizes:
     block_k_dq: int = 64
     block_q_dkv: int = 64
     block_k_dkv: int = 64
+
+    @classmethod
+    def default(cls, head_dim: int, dtype) -> BlockSizes:
+        """Tiles that compile without register spills for sm_90 (Triton 3.9, ptxas -v) at
+        the default warps (4 for half precision and head size <= 64, else 8). Not tuned
+        by timing: benchmark on the target GPU and pass your own."""
+        if jnp.dtype(dtype).itemsize >= 4:  # float32: IEEE dots on CUDA cores
+            return cls(32, 32, 32, 32, 32 if head_dim <= 64 else 16, 32)
+        return cls(128, 64, 64, 64, 64 if head_dim <= 64 else 32, 64)
+
+
+def default_num_warps(head_dim: int, dtype) -> int:
+    return 4 if jnp.dtype(dtype).itemsize < 4 and head_dim <= 64 else 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +159,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, plan_ref, *
     bq, dp = q.shape
 
     def visit(j, carry, masked):
-        acc, m, l = carry
+        acc, m, row_sum = carry
         sl = pl.ds(j * block_k, block_k)
         kv_pos, v = kp_ref[sl], v_ref[sl, :]
         s = _scores(q, k_ref[sl, :], q_pos, kv_pos, slope, cfg)
@@ -159,12 +172,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, plan_ref, *
             p = jnp.where(mask, p, 0.0)
         corr = jnp.exp2(m - m_new)
         acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
-        return acc, m_new, l * corr + jnp.sum(p, axis=1)
+        return acc, m_new, row_sum * corr + jnp.sum(p, axis=1)
 
     init = (jnp.zeros((bq, dp), jnp.float32), jnp.full((bq,), MASKED, jnp.float32),
             jnp.zeros((bq,), jnp.float32))
-    acc, m, l = _tile_loop(plan_ref, visit, init)
-    l_safe = jnp.where(l > 0, l, 1.0)  # rows that see no key (padding) return zeros
+    acc, m, row_sum = _tile_loop(plan_ref, visit, init)
+    l_safe = jnp.where(row_sum > 0, row_sum, 1.0)  # rows that see no key (padding) return zeros
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log2(l_safe)
 
@@ -323,7 +336,7 @@ def _clamp_blocks(blocks: BlockSizes, t: int, s: int) -> tuple[BlockSizes, int, 
         if not isinstance(val, int) or val < 16 or val & (val - 1):
             raise ValueError(f"flash attention: {f.name}={val!r} must be a power of two >= 16")
     tq, ts = _pow2_at_least(t), _pow2_at_least(s)
-    c = BlockSizes(*(min(getattr(blocks, f.name), tq if "_q" in f.name else ts)
+    c = BlockSizes(*(min(getattr(blocks, f.name), tq if f.name.startswith("block_q") else ts)
                      for f in dataclasses.fields(blocks)))
     qmult = max(c.block_q, c.block_q_dq, c.block_q_dkv)
     kmult = max(c.block_k, c.block_k_dq, c.block_k_dkv)
@@ -332,12 +345,18 @@ def _clamp_blocks(blocks: BlockSizes, t: int, s: int) -> tuple[BlockSizes, int, 
 
 def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=True, scale=None,
               *, block_sizes: BlockSizes | None = None, interpret: bool | None = None,
-              num_warps: int | None = None, num_stages: int = 2):
+              num_warps: int | None = None, num_stages: int = 2, shard_axes=None):
     """Flash attention with the kernels/xla.py signature and semantics (differentiable in q, k, v).
 
     q: [B, T, H, D]; k, v: [B, S, K, D] (H a multiple of K); segment ids [B, T] / [B, S]
     (0 = padding); positions [B, T] / [B, S]; alibi_slopes [H] or None. `interpret` defaults
     to True on CPU (Pallas interpreter; slow, for tests) and False on GPU (Triton).
+    `block_sizes` and `num_warps` default by head size and dtype (BlockSizes.default).
+
+    A pallas_call has no SPMD partitioning rule: under a multi-device `jax.jit`, XLA would
+    gather its operands onto every device. Pass `shard_axes=(batch_axes, head_axes)` (mesh
+    axis names or tuples of them, or None) to run it per shard under `jax.shard_map` on the
+    mesh set with `jax.set_mesh`; K (kv heads) must divide by the head axes' size.
     """
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -350,14 +369,28 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
             raise ValueError("flash attention: the Pallas kernel lowers to Triton (GPU); "
                              "on TPU use backend 'xla' (or interpret=True for tests)")
         interpret = platform == "cpu"
-    blocks, tp, sp = _clamp_blocks(block_sizes or BlockSizes(), t, s)
     dp = _pow2_at_least(d)
+    blocks, tp, sp = _clamp_blocks(block_sizes or BlockSizes.default(dp, q.dtype), t, s)
     cfg = _Cfg(scale=float(d ** -0.5 if scale is None else scale), causal=bool(causal),
                alibi=alibi_slopes is not None, blocks=blocks, interpret=bool(interpret),
-               num_warps=num_warps or (4 if dp <= 64 else 8), num_stages=num_stages)
+               num_warps=num_warps or default_num_warps(dp, q.dtype), num_stages=num_stages)
 
-    slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32).reshape(h)
-    return _padded(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg=cfg, tp=tp, sp=sp, dp=dp)
+    run = functools.partial(_padded, cfg=cfg, tp=tp, sp=sp, dp=dp)
+    args = [q, k, v, q_seg, kv_seg, q_pos, kv_pos]
+    if alibi_slopes is not None:
+        args.append(jnp.asarray(alibi_slopes, jnp.float32).reshape(h))
+    if shard_axes is None:
+        return run(*args, *([None] * (8 - len(args))))
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        raise ValueError("flash attention: shard_axes needs a mesh set with jax.set_mesh")
+    P = jax.sharding.PartitionSpec  # noqa: N806
+    batch, heads = shard_axes
+    x, ids = P(batch, None, heads, None), P(batch, None)
+    specs = (x, x, x, ids, ids, ids, ids, P(heads))[:len(args)]
+    per_shard = jax.shard_map(lambda *a: run(*a, *([None] * (8 - len(a)))), mesh=mesh,
+                              in_specs=specs, out_specs=x, check_vma=False)
+    return per_shard(*args)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tp", "sp", "dp"))

@@ -72,9 +72,20 @@ def block_for(shape: tuple[int, ...], block_size: int = 256, min_8bit_size: int 
 
 
 def quantize(x: jax.Array, qmap: np.ndarray) -> jax.Array:
-    """Index (uint8) of the nearest entry of the sorted `qmap` for each value of x."""
-    mids = jnp.asarray((qmap[:-1] + qmap[1:]) / 2.0)
-    return jnp.searchsorted(mids, x, side="left", method="scan_unrolled").astype(jnp.uint8)
+    """Index (uint8) of the nearest entry of the sorted 256-entry `qmap` for each value of x.
+
+    The index is the count of midpoints between neighbouring entries that lie below x,
+    found by an 8-step branchless binary search (ties round down). The first step
+    compares against a scalar so XLA never constant-folds a gather the size of x (as it
+    does for jnp.searchsorted's scan, whose first probe index is a constant).
+    """
+    mids_np = (qmap[:-1] + qmap[1:]) / 2.0
+    mids = jnp.asarray(mids_np)
+    idx = jnp.where(x > mids_np[127], 128, 0).astype(jnp.int32)
+    for step in (64, 32, 16, 8, 4, 2, 1):
+        cand = idx + step
+        idx = jnp.where(x > mids[cand - 1], cand, idx)
+    return idx.astype(jnp.uint8)
 
 
 def quantize_blockwise(x: jax.Array, block: int, qmap: np.ndarray):

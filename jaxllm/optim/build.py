@@ -22,8 +22,9 @@ Nesterov momentum 0.9 is the usual vision-style default; with gradients clipped 
 decay by default (it is a baseline, known to train transformers poorly).
 
 Weight decay mask: every leaf is decayed except those whose name (the last string key of
-its path, looking through nnx.Variable's `.value`) is `scale` (norm weights), `bias`, or
-`embedding` (token/position tables; decayed only with `optim.decay_embeddings`). It is
+its path, looking through nnx.Variable's `.value`) is `scale` (norm weights), `bias` or
+ends in `_bias` (q_bias, up_bias, ...), or `embedding` (token/position tables; decayed only
+with `optim.decay_embeddings`). It is
 decided by key paths, never by ndim: scanned layers make norm scales 2-D.
 """
 

@@ -111,8 +111,8 @@ def gauss_newton_bartlett(model_fn, params, batch, rng):
     One forward and one backward pass: the logits' cotangent of the weighted mean
     cross-entropy on ŷ is `w·(softmax(logits) - onehot(ŷ)) / N`, pulled back by `jax.vjp`.
     """
-    (logits, weights), pullback = jax.vjp(lambda p: model_fn(p, batch), params)
-    logits = jax.lax.stop_gradient(logits).astype(jnp.float32)
+    (out, weights), pullback = jax.vjp(lambda p: model_fn(p, batch), params)
+    logits = jax.lax.stop_gradient(out).astype(jnp.float32)
     w = jax.lax.stop_gradient(weights).astype(jnp.float32)
     yhat = jax.random.categorical(rng, logits, axis=-1)
     n = jnp.maximum(jnp.sum(w), 1.0)
@@ -123,7 +123,7 @@ def gauss_newton_bartlett(model_fn, params, batch, rng):
         w_ct = jnp.zeros_like(weights)
     else:
         w_ct = jnp.zeros(weights.shape, jax.dtypes.float0)
-    (g,) = pullback((dlogits, w_ct))
+    (g,) = pullback((dlogits.astype(out.dtype), w_ct))
     return jax.tree.map(lambda x: n * jnp.square(x.astype(jnp.float32)), g)
 
 
