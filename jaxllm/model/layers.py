@@ -116,10 +116,14 @@ class Embed(nnx.Module):
 
     def __init__(self, num: int, d: int, axes, std: float, dtype, param_dtype, rngs: nnx.Rngs):
         self.embedding = param(rngs, (num, d), axes, std, param_dtype)
-        self.dtype = dtype
+        self.dtype, self.rows = dtype, axes[0]
 
     def __call__(self, ids):
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # gather from the table with its `embed` (fsdp) shards all-gathered, as FSDP does for
+        # every weight: a lookup into fsdp-sharded columns would come out sharded over
+        # `embed`, and moving that to batch sharding makes XLA replicate the activations
+        table = constrain(self.embedding[...], self.rows, None)
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x):
         return jnp.einsum("btd,vd->btv", x, self.embedding[...].astype(self.dtype))

@@ -13,9 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxllm import parallel
+from jaxllm import optim, parallel
 from jaxllm.model.transformer import Transformer
 from jaxllm.train import guard
 
@@ -41,33 +40,13 @@ def param_shardings(cfg, mesh, abstract_params):
 
 
 def opt_shardings(tx, abstract_params, p_shardings, mesh):
-    """Optimizer-state shardings: a leaf that mirrors a parameter (same key path tail) gets
-    that parameter's sharding (a blocked [..., n/bs, bs] leaf adds an unsharded axis);
-    everything else (counts, scalars) is replicated."""
+    """Optimizer-state shardings (`optim.opt_state_shardings`): every leaf of a subtree
+    shaped like the parameters takes its parameter's sharding (Adam/Lion/Sophia moments,
+    Sophia's h, 8-bit codes), fitted to the leaf's shape (8-bit Adam's per-block absmax
+    [..., n/b] keeps a mesh axis only where it divides); counts and scalars are replicated."""
+    del mesh
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    def pick(path, leaf):
-        return _match(path, leaf, abstract_params, p_shardings, mesh)
-    return jax.tree_util.tree_map_with_path(pick, abstract_opt), abstract_opt
-
-
-def _match(path, leaf, params, shardings, mesh):
-    keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
-    # find the longest suffix of the path that addresses a parameter
-    for start in range(len(keys)):
-        node, snode, ok = params, shardings, True
-        for k in keys[start:]:
-            if isinstance(node, dict) and k in node:
-                node, snode = node[k], snode[k]
-            else:
-                ok = False
-                break
-        if ok and hasattr(node, "shape"):
-            if tuple(node.shape) == tuple(leaf.shape):
-                return snode
-            spec = snode.spec
-            if len(leaf.shape) == len(node.shape) + 1:  # blocked layout [..., n/bs, bs]
-                return NamedSharding(mesh, PartitionSpec(*spec, None))
-    return NamedSharding(mesh, PartitionSpec())
+    return optim.opt_state_shardings(abstract_opt, abstract_params, p_shardings), abstract_opt
 
 
 def abstract_state(cfg, mesh, tx):
@@ -88,10 +67,8 @@ def abstract_state(cfg, mesh, tx):
     return ModelDef(graphdef, cfg), tree, shardings
 
 
-def init_state(cfg, mesh, tx):
-    """A fresh train state {step, params, opt_state, rng, guard}, created sharded."""
-    model_def, _, shardings = abstract_state(cfg, mesh, tx)
-
+def init_fn(cfg, tx):
+    """The initializer of the train state (to run under jax.jit with out_shardings)."""
     def init():
         model = Transformer(cfg, nnx.Rngs(cfg.train.seed))
         params = nnx.to_pure_dict(nnx.split(model)[1])
@@ -99,7 +76,13 @@ def init_state(cfg, mesh, tx):
                 "opt_state": tx.init(params),
                 "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
                 "guard": guard.init(cfg)}
+    return init
 
+
+def init_state(cfg, mesh, tx):
+    """A fresh train state {step, params, opt_state, rng, guard}, created sharded: each device
+    computes only its own shards (sharding-invariant threefry random numbers)."""
+    model_def, _, shardings = abstract_state(cfg, mesh, tx)
     with parallel.activate(cfg, mesh):
-        state = jax.jit(init, out_shardings=shardings)()
+        state = jax.jit(init_fn(cfg, tx), out_shardings=shardings)()
     return model_def, state, shardings

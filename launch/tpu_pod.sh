@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU VM slice (single host or pod): every worker runs the same command;
+# JAX finds the others itself (jax.distributed.initialize auto-detection on TPU).
+#
+#   launch/tpu_pod.sh [--dry-run] --name=NAME --zone=ZONE [--project=P] [--type=v4-32]
+#                     [--version=RUNTIME] [--spot] ACTION [-- TRAIN_ARGS...]
+#
+# ACTION
+#   create   reuse the TPU VM NAME if it exists, else create it (--type, --version, --spot)
+#   setup    copy this checkout (tar, gcloud scp) to ~/jaxllm on all workers, pip install it
+#   train    run `python3 -m jaxllm.train TRAIN_ARGS` on all workers at once, streaming
+#            the output (process 0 logs) and keeping it in ~/jaxllm-train.log on each worker
+#   logs     follow worker 0's ~/jaxllm-train.log (after a dropped connection)
+#   delete   delete the TPU VM
+#   up       create + setup + train
+# --dry-run prints the exact commands, one per line, instead of running them.
+#
+# The workdir must be one directory all workers share (checkpoints are written collectively
+# by Orbax, each worker its own shards): an NFS/Filestore or gcsfuse mount, e.g.
+#   launch/tpu_pod.sh --name=llm --zone=us-central2-b --type=v4-32 up -- \
+#       --config=configs/llama_1b.py --workdir=/mnt/shared/llama1b --config.mesh.fsdp=-1
+set -euo pipefail
+
+dry_run=0
+name="" zone="" project="" type="v4-8" version="" spot=0 action=""
+train_args=()
+while (($#)); do
+  case "$1" in
+    --dry-run) dry_run=1 ;;
+    --name=*) name="${1#*=}" ;;
+    --zone=*) zone="${1#*=}" ;;
+    --project=*) project="${1#*=}" ;;
+    --type=*) type="${1#*=}" ;;
+    --version=*) version="${1#*=}" ;;
+    --spot) spot=1 ;;
+    --) shift; train_args=("$@"); break ;;
+    create|setup|train|logs|delete|up) action="$1" ;;
+    *) echo "error: unknown argument '$1'; see the header of $0" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+die() { echo "error: $*" >&2; exit 2; }
+[[ -n "$action" ]] || die "ACTION: missing; allowed: create, setup, train, logs, delete, up"
+[[ -n "$name" ]] || die "--name: required (the TPU VM name)"
+[[ -n "$zone" ]] || die "--zone: required (e.g. us-central2-b)"
+if [[ -z "$version" ]]; then  # the TPU software image matching the generation
+  case "$type" in
+    v4-*|v3-*|v2-*) version="tpu-ubuntu2204-base" ;;
+    v5litepod-*|v5e-*) version="v2-alpha-tpuv5-lite" ;;
+    v5p-*) version="v2-alpha-tpuv5" ;;
+    v6e-*) version="v2-alpha-tpuv6e" ;;
+    *) die "--type: unknown TPU type '$type'; pass --version=RUNTIME explicitly" ;;
+  esac
+fi
+
+# shell-quote each argument (bare when safe, else in single quotes), joined by spaces
+shq() {
+  local out=() a
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_@%+=:,./~-]+$ && "$a" != \~* ]]; then out+=("$a")
+    else out+=("'${a//\'/\'\\\'\'}'"); fi
+  done
+  local IFS=' '; echo -n "${out[*]}"
+}
+tpu="gcloud compute tpus tpu-vm"
+where="--zone=$(shq "$zone")${project:+ --project=$(shq "$project")}"
+src="/tmp/jaxllm-src-$name.tgz"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+log='~/jaxllm-train.log'
+
+run() {  # print (dry run) or run one shell command line
+  if ((dry_run)); then echo "$1"; else bash -c "$1"; fi
+}
+
+do_create() {
+  run "$tpu describe $(shq "$name") $where --format='value(state)' >/dev/null 2>&1 || $tpu create $(shq "$name") $where --accelerator-type=$(shq "$type") --version=$(shq "$version")$( ((spot)) && echo ' --spot')"
+}
+do_setup() {
+  run "tar czf $(shq "$src") --exclude=.git --exclude=runs --exclude='*.pyc' -C $(shq "$root") ."
+  run "$tpu scp $(shq "$src") $(shq "$name"):~/jaxllm-src.tgz --worker=all $where"
+  run "$tpu ssh $(shq "$name") --worker=all $where --command='mkdir -p ~/jaxllm && tar xzf ~/jaxllm-src.tgz -C ~/jaxllm && pip install -q -U \"jax[tpu]\" && pip install -q -e ~/jaxllm'"
+}
+do_train() {
+  local remote="cd ~/jaxllm && python3 -m jaxllm.train${train_args:+ $(shq "${train_args[@]}")} 2>&1 | tee $log"
+  run "$tpu ssh $(shq "$name") --worker=all $where --command=$(shq "$remote")"
+}
+do_logs() {
+  run "$tpu ssh $(shq "$name") --worker=0 $where --command='tail -n 200 -f $log'"
+}
+do_delete() {
+  run "$tpu delete $(shq "$name") $where --quiet"
+}
+
+case "$action" in
+  up) do_create; do_setup; do_train ;;
+  *) "do_$action" ;;
+esac
