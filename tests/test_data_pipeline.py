@@ -54,13 +54,13 @@ def rows(batches):
 
 def split_docs(docs, split, frac=0.2):
     mask = eval_mask(len(docs), frac)
-    return [d for d, m in zip(docs, mask) if m == (split == "eval")]
+    return [d for d, m in zip(docs, mask, strict=False) if m == (split == "eval")]
 
 
 def expected_segments(inputs):
     """Direct loop: a new document starts after every EOS; positions count from its start."""
     seg, pos, s, p = [], [], 1, 0
-    for i, t in enumerate(inputs):
+    for i, _t in enumerate(inputs):
         if i > 0 and inputs[i - 1] == EOS:
             s, p = s + 1, 0
         seg.append(s)

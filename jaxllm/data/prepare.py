@@ -202,7 +202,8 @@ class PreparedData:
             raise ValueError(f"{key}: {self.path} is incomplete or corrupt ({e})") from e
         counts = [s["docs"] for s in self.manifest["shards"]]
         if sum(counts) != len(self.doc_len) or any(
-                len(m) != s["tokens"] for m, s in zip(self.shards, self.manifest["shards"])):
+                len(m) != s["tokens"]
+                for m, s in zip(self.shards, self.manifest["shards"], strict=False)):
             raise ValueError(f"{key}: {self.path}: shard sizes disagree with manifest.json")
         self.doc_shard = np.repeat(np.arange(len(counts)), counts)
         spans = self.doc_len + 1

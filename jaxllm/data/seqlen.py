@@ -37,7 +37,7 @@ def summary(lengths: np.ndarray) -> dict:
             "mean": float(lengths.mean()) if len(lengths) else 0.0,
             "min": int(lengths.min()) if len(lengths) else 0,
             "max": int(lengths.max()) if len(lengths) else 0,
-            "percentiles": {str(p): float(v) for p, v in zip(PERCENTILES, pct)}}
+            "percentiles": {str(p): float(v) for p, v in zip(PERCENTILES, pct, strict=False)}}
 
 
 def histogram_png(lengths: np.ndarray, path: str, title: str = "") -> None:
