@@ -256,13 +256,13 @@ def import_hf(hf_dir, workdir, cfg, tokenizer=None) -> dict:
     keys, params = from_hf(hf, tensors, str(d / "config.json"))
 
     import jax
-    import jax.numpy as jnp
 
     from jaxllm import optim, parallel
     from jaxllm.checkpoint import Checkpointer
     from jaxllm.data.pipeline import make_pipeline
+    from jaxllm.train import resume
     from jaxllm.train.loop import resolve
-    from jaxllm.train.state import abstract_state
+    from jaxllm.train.state import abstract_state, fresh_state
 
     cfg.model.update(keys)
     cfg.data.tokenizer = _tokenizer_for_import(d, wd, tokenizer)
@@ -281,16 +281,13 @@ def import_hf(hf_dir, workdir, cfg, tokenizer=None) -> dict:
     params = jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding),
                           params, abstract["params"])
 
-    def fresh(p):
-        return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p),
-                "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1))}
-
     with parallel.activate(cfg, mesh):
-        state = jax.jit(fresh, out_shardings=shardings)(params)
+        state = jax.jit(lambda p: fresh_state(cfg, tx, p), out_shardings=shardings)(params)
         train_it = make_pipeline(cfg, tok, "train", jax.process_index(), jax.process_count())
         wd.mkdir(parents=True, exist_ok=True)
         ckpt = Checkpointer(str((wd / "checkpoints").resolve()), cfg)
-        ckpt.save(0, state, train_it, {"config": cfg.to_json_best_effort()})
+        ckpt.save(0, state, train_it, {"config": cfg.to_json_best_effort(),
+                                       **resume.data_meta(cfg, 0)})
         ckpt.close()
     if jax.process_index() == 0:
         (wd / "config.json").write_text(cfg.to_json_best_effort(indent=2))

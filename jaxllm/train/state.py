@@ -67,15 +67,18 @@ def abstract_state(cfg, mesh, tx):
     return ModelDef(graphdef, cfg), tree, shardings
 
 
+def fresh_state(cfg, tx, params) -> dict:
+    """Step 0 around given parameters: fresh optimizer state, RNG and step guard."""
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
+            "guard": guard.init(cfg)}
+
+
 def init_fn(cfg, tx):
     """The initializer of the train state (to run under jax.jit with out_shardings)."""
     def init():
         model = Transformer(cfg, nnx.Rngs(cfg.train.seed))
-        params = nnx.to_pure_dict(nnx.split(model)[1])
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": tx.init(params),
-                "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
-                "guard": guard.init(cfg)}
+        return fresh_state(cfg, tx, nnx.to_pure_dict(nnx.split(model)[1]))
     return init
 
 
