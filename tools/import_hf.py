@@ -21,27 +21,24 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import flags
-from ml_collections import config_flags
 
-import jaxllm.config as jaxllm_config
-from jaxllm.cli import parse_config, user_errors
+from jaxllm.cli import define_config_flag, parse_config, user_errors
+from jaxllm.config import ConfigError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", jaxllm_config.__file__,
-    "config file for everything but the architecture; default: the tiny CPU config",
-    lock_config=True)
 flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (config.json, safetensors)")
 flags.DEFINE_string("workdir", None, "new jaxllm workdir to create")
 flags.DEFINE_string("tokenizer", None, "data.tokenizer to use (byte | .model | .json)")
 
 
 def main(argv=None) -> int:
+    argv = sys.argv if argv is None else argv
     with user_errors():
-        cfg = parse_config(FLAGS, sys.argv if argv is None else argv)
+        define_config_flag(argv)
+        cfg = parse_config(FLAGS, argv)
         for name in ("hf_dir", "workdir"):
             if not FLAGS[name].value:
-                raise jaxllm_config.ConfigError(f"--{name}: required")
+                raise ConfigError(f"--{name}: required")
         from jaxllm.hf import import_hf
         s = import_hf(FLAGS.hf_dir, FLAGS.workdir, cfg, tokenizer=FLAGS.tokenizer)
         print(f"imported {s['family']} ({s['layers']} layers, vocab {s['vocab_size']}, "

@@ -19,15 +19,12 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import flags
-from ml_collections import config_flags
 
 import jaxllm.config as jaxllm_config
-from jaxllm.cli import parse_config, user_errors
+from jaxllm.cli import define_config_flag, parse_config, user_errors
 from jaxllm.config import ConfigError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", jaxllm_config.__file__,
-                                "config file (configs/NAME.py[:ARG])", lock_config=True)
 flags.DEFINE_string("mesh", "", "data,fsdp,tensor sizes (-1 = the rest); default: config")
 flags.DEFINE_integer("devices", 0, "number of devices to size for (required)")
 flags.DEFINE_bool("json", False, "print the report as JSON")
@@ -36,6 +33,7 @@ flags.DEFINE_bool("json", False, "print the report as JSON")
 def main(argv) -> None:
     """Parse flags (errors: `error: ...`, exit 2), size, print."""
     with user_errors():
+        define_config_flag(argv)
         cfg = parse_config(FLAGS, argv)
         if FLAGS.devices < 1:
             raise ConfigError(f"--devices: must be >= 1, got {FLAGS.devices}")

@@ -49,6 +49,12 @@ def parse_config(flag_values, argv):
     from absl import flags
 
     from jaxllm.config import validate
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        doc = (sys.modules["__main__"].__doc__ or "").strip()
+        helps = [flag_values.module_help(m) for m in flag_values.flags_by_module_dict()
+                 if not m.startswith("absl")]
+        print((doc + "\n\n" if doc else "") + "\n".join(helps))
+        sys.exit(0)
     try:
         flag_values(list(argv))
     except flags.Error as e:
