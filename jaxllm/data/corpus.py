@@ -40,3 +40,175 @@ def embedded_documents(split: str, eval_fraction: float = 0.05):
         text = path.read_bytes().decode("utf-8", errors="replace")
         if text.strip():
             yield name, text
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the user's corpus: .txt / .jsonl / .parquet files or globs, or "embedded".
+
+EMBEDDED = "embedded"
+SUFFIXES = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "jsonl",
+            ".parquet": "parquet"}
+BAD_KINDS = ("undecodable", "empty", "malformed_json", "missing_field")
+
+
+def expand_inputs(inputs, key: str = "data.path") -> list[str]:
+    """Files named by paths or globs (sorted, deduplicated), or [EMBEDDED].
+
+    Raises ValueError naming `key` for a pattern that matches nothing, an unsupported
+    suffix or an empty file list.
+    """
+    import glob
+
+    out: list[str] = []
+    for spec in inputs:
+        if spec in (EMBEDDED, ""):
+            out.append(EMBEDDED)
+            continue
+        matches = sorted(glob.glob(str(pathlib.Path(spec).expanduser()), recursive=True))
+        files = [m for m in matches if pathlib.Path(m).is_file()]
+        if not files:
+            raise ValueError(f"{key}: no input files match {spec!r}")
+        for f in files:
+            if pathlib.Path(f).suffix.lower() not in SUFFIXES:
+                raise ValueError(f"{key}: {f}: unsupported file type; allowed: "
+                                 f"{', '.join(sorted(SUFFIXES))}")
+        out.extend(files)
+    out = list(dict.fromkeys(out))
+    if not out:
+        raise ValueError(f"{key}: no input files given")
+    return out
+
+
+class BadRecords:
+    """Counts of skipped records per kind and per file (reported, never fatal)."""
+
+    def __init__(self):
+        self.counts = {k: 0 for k in BAD_KINDS}
+        self.by_file: dict[str, dict[str, int]] = {}
+
+    def add(self, kind: str, source: str, n: int = 1) -> None:
+        self.counts[kind] += n
+        per = self.by_file.setdefault(source, {})
+        per[kind] = per.get(kind, 0) + n
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "bad records: none"
+        parts = ", ".join(f"{k} {v}" for k, v in self.counts.items() if v)
+        files = "; ".join(f"{f}: " + ", ".join(f"{k} {v}" for k, v in d.items())
+                          for f, d in sorted(self.by_file.items()))
+        return f"bad records skipped: {self.total} ({parts}) in {files}"
+
+
+def _decode(raw: bytes, source: str, bad: BadRecords) -> str | None:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        bad.add("undecodable", source)
+        return None
+    if not text.strip():
+        bad.add("empty", source)
+        return None
+    return text
+
+
+def _txt_docs(path: str, blank_line_docs: bool, bad: BadRecords):
+    try:
+        raw = pathlib.Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"data.path: cannot read {path} ({e.strerror})") from e
+    if not blank_line_docs:
+        text = _decode(raw, path, bad)
+        if text is not None:
+            yield text
+        return
+    import re
+
+    for block in re.split(rb"(?:\r?\n[ \t]*){2,}", raw):
+        if block.strip():
+            text = _decode(block, path, bad)
+            if text is not None:
+                yield text
+
+
+def _jsonl_docs(path: str, field: str, bad: BadRecords):
+    import json
+
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise ValueError(f"data.path: cannot read {path} ({e.strerror})") from e
+    with fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                bad.add("undecodable", path)
+                continue
+            except json.JSONDecodeError:
+                bad.add("malformed_json", path)
+                continue
+            text = obj.get(field) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                bad.add("missing_field", path)
+            elif not text.strip():
+                bad.add("empty", path)
+            else:
+                yield text
+
+
+def _parquet_docs(path: str, field: str, bad: BadRecords):
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise ValueError(f"data.path: {path} is not a readable Parquet file ({e})") from e
+    names = pf.schema_arrow.names
+    if field not in names:
+        raise ValueError(f"data.text_field: column {field!r} not in {path} "
+                         f"(columns: {', '.join(names)})")
+    for batch in pf.iter_batches(columns=[field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, bytes):
+                text = _decode(text, path, bad)
+                if text is not None:
+                    yield text
+            elif not isinstance(text, str):
+                bad.add("missing_field", path)
+            elif not text.strip():
+                bad.add("empty", path)
+            else:
+                yield text
+
+
+def iter_texts(files: list[str], *, text_field: str = "text", blank_line_docs: bool = False,
+               bad: BadRecords | None = None):
+    """Yield (source, text) for every good document of `files` (from `expand_inputs`).
+
+    `.txt`: the whole file is one document, or with `blank_line_docs` every block separated
+    by blank lines. `.jsonl`/`.json`: one JSON object per line, text in `text_field`.
+    `.parquet`: the `text_field` column. EMBEDDED: every stdlib file (the train/eval split
+    of prepared data is made later, by document). Bad records go to `bad`.
+    """
+    bad = bad if bad is not None else BadRecords()
+    for f in files:
+        if f == EMBEDDED:
+            for name, text in embedded_documents("train", 0.0):
+                yield f"{EMBEDDED}:{name}", text
+            continue
+        kind = SUFFIXES[pathlib.Path(f).suffix.lower()]
+        if kind == "txt":
+            docs = _txt_docs(f, blank_line_docs, bad)
+        elif kind == "jsonl":
+            docs = _jsonl_docs(f, text_field, bad)
+        else:
+            docs = _parquet_docs(f, text_field, bad)
+        for text in docs:
+            yield f, text

@@ -1,17 +1,46 @@
 """grain input pipeline: documents -> token stream -> packed sequences -> per-process batches.
 
-Each element is a dict of int32 arrays of length `seq_len`:
-`inputs`, `targets`, `segment_ids` (1, 2, ... per document inside the sequence; 0 = padding),
-`positions` (restart at 0 at each document start) and `target_bytes` (UTF-8 bytes each target
-token stands for, for bits per byte).
+Each batch is a dict of int32 arrays [batch_size / process_count, seq_len]: `inputs`,
+`targets`, `segment_ids` (1, 2, ... per document inside the row; 0 = padding, to be
+loss-masked), `positions` (restart at 0 at each document start) and `target_bytes` (UTF-8
+bytes each target token stands for, for bits per byte).
+
+Sources: the embedded corpus (`data.path == ""`), a prepared directory
+(`tools/prepare_data.py`), raw `.txt/.jsonl/.parquet` files or globs (prepared once into
+`.jaxllm_cache/` beside them), or a weighted mixture (`data.mixture = "a:3,b:1"`, mixed by
+`grain.MapDataset.mix`). Prepared data is split into train/eval by document
+(`prepare.eval_mask`); the embedded corpus by file name (`corpus.in_eval_split`).
+
+Packing (`data.packing`):
+- `concat`: the split's documents, each followed by EOS, are concatenated and cut into
+  windows of seq_len + 1 tokens (inputs = w[:-1], targets = w[1:]); a new segment starts
+  after every EOS.
+- `first_fit`: every document becomes the segment [EOS] + doc + [EOS] (inputs = all but the
+  last token, targets = all but the first), cut into pieces of at most seq_len targets when
+  longer; pieces are packed into rows by grain's FirstFitPackIterDataset (Krell et al.
+  2021, "Efficient sequence packing without cross-contamination"), padding with segment 0.
+
+Train: shuffled from `train.seed`, repeated forever, each process reads the disjoint
+elements `process_index::process_count` (of the shuffled, mixed stream, before packing).
+Eval: deterministic and finite; every process walks the same global rows and takes its
+slice of each global batch, the last global batch padded with segment-0 rows (targets 0,
+target_bytes 0), so all processes see the same number of batches.
+`data.prefetch` > 0 prepares that many batches ahead in a background thread. Iterator
+state (`get_state`/`set_state`) restores the exact position.
 """
 
 from __future__ import annotations
 
+import atexit
+import weakref
+
 import grain
 import numpy as np
 
-from jaxllm.data.corpus import embedded_documents
+from jaxllm.data.corpus import embedded_documents, expand_inputs
+from jaxllm.data.prepare import PreparedData, cache_dir_for, eval_mask, prepare
+
+KEYS = ("inputs", "targets", "segment_ids", "positions", "target_bytes")
 
 
 def token_stream(tokenizer, documents) -> np.ndarray:
@@ -23,23 +52,65 @@ def token_stream(tokenizer, documents) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
 
 
-class PackedWindows:
-    """Random-access concat-then-split windows over a token stream (a grain data source)."""
+class Split:
+    """The documents of one split as a virtual stream (each document ends with its EOS)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, tokenizer):
-        self.tokens, self.seq_len, self.tokenizer = tokens, seq_len, tokenizer
-        self.n = max((len(tokens) - 1) // seq_len, 0)
+    def __init__(self, spans: np.ndarray, doc_fn=None, flat: np.ndarray | None = None):
+        self.spans = np.asarray(spans, np.int64)  # tokens per document, EOS included
+        self.cum = np.concatenate([[0], np.cumsum(self.spans)]).astype(np.int64)
+        self.doc_fn, self.flat = doc_fn, flat
+
+    @classmethod
+    def from_stream(cls, tokens: np.ndarray, eos_id: int) -> Split:
+        ends = np.flatnonzero(tokens == eos_id)
+        return cls(np.diff(np.concatenate([[-1], ends])), flat=tokens)
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.cum[-1])
+
+    def doc(self, j: int) -> np.ndarray:
+        if self.flat is not None:
+            return self.flat[self.cum[j]:self.cum[j + 1]]
+        return self.doc_fn(j)
+
+    def stream(self, a: int, b: int) -> np.ndarray:
+        """Tokens [a, b) of the concatenated split."""
+        if self.flat is not None:
+            return self.flat[a:b]
+        j = int(np.searchsorted(self.cum, a, side="right")) - 1
+        parts = []
+        while a < b:
+            d = self.doc(j)
+            lo = a - self.cum[j]
+            piece = d[lo:lo + (b - a)]
+            parts.append(piece)
+            a += len(piece)
+            j += 1
+        return np.concatenate(parts).astype(np.int32)
+
+
+class PackedWindows:
+    """Random-access concat-then-split windows over a split (a grain data source)."""
+
+    def __init__(self, split: Split, seq_len: int, tokenizer):
+        self.split, self.seq_len, self.tokenizer = split, seq_len, tokenizer
+        self.n = max((split.num_tokens - 1) // seq_len, 0)
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
-        w = self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1]
-        return pack_window(w, self.tokenizer)
+        t = self.seq_len
+        return pack_window(self.split.stream(i * t, (i + 1) * t + 1), self.tokenizer)
 
 
 def pack_window(w: np.ndarray, tokenizer) -> dict:
     """Split a window of T+1 tokens into inputs/targets with per-document ids and positions."""
+    w = np.asarray(w, np.int32)
     inputs, targets = w[:-1], w[1:]
     starts = np.zeros(len(inputs), bool)
     starts[0] = True
@@ -56,10 +127,102 @@ def pack_window(w: np.ndarray, tokenizer) -> dict:
     }
 
 
-def load_split(cfg, tokenizer, split: str) -> np.ndarray:
-    if cfg.data.path:
-        raise ValueError(f"data.path: {cfg.data.path!r} not supported yet")
-    return token_stream(tokenizer, embedded_documents(split, cfg.data.eval_fraction))
+class DocPieces:
+    """Random-access first-fit inputs: [EOS] + doc + [EOS] cut into <= seq_len targets."""
+
+    def __init__(self, split: Split, seq_len: int, tokenizer):
+        self.split, self.seq_len, self.tokenizer = split, seq_len, tokenizer
+        per_doc = -(-split.spans // seq_len)  # (span + 1 tokens) - 1 targets, in pieces
+        self.doc = np.repeat(np.arange(len(split)), per_doc)
+        self.piece = np.arange(len(self.doc)) - np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+
+    def __len__(self):
+        return len(self.doc)
+
+    def __getitem__(self, k):
+        t = self.seq_len
+        seg = np.concatenate([[self.tokenizer.eos_id], self.split.doc(int(self.doc[k]))])
+        w = seg[self.piece[k] * t:self.piece[k] * t + t + 1].astype(np.int32)
+        return {"inputs": w[:-1], "targets": w[1:],
+                "target_bytes": self.tokenizer.token_bytes(w[1:]).astype(np.int32)}
+
+
+def first_fit(ds: grain.IterDataset, seq_len: int, seed: int, shuffle: bool, bins: int):
+    length = {"inputs": seq_len, "targets": seq_len, "target_bytes": seq_len}
+    packed = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct=length, num_packing_bins=bins, seed=seed, shuffle_bins=shuffle)
+    return packed.map(lambda e: {
+        "inputs": e["inputs"], "targets": e["targets"],
+        "segment_ids": e["inputs_segment_ids"].astype(np.int32),
+        "positions": e["inputs_positions"].astype(np.int32),
+        "target_bytes": e["target_bytes"]})
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    out = []
+    for item in spec.split(","):
+        path, sep, w = item.strip().rpartition(":")
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = -1.0
+        if not sep or not path or not weight > 0:
+            raise ValueError(f"data.mixture: bad entry {item.strip()!r}; expected "
+                             "'path:weight,path:weight' with weights > 0")
+        out.append((path, weight))
+    return out
+
+
+def open_prepared(path: str, cfg, tokenizer, key: str) -> PreparedData:
+    """A prepared directory, or raw files/globs prepared once into a cache beside them."""
+    import pathlib
+
+    p = pathlib.Path(path).expanduser()
+    if p.is_dir():
+        data = PreparedData(str(p), key)
+    else:
+        files = expand_inputs([path], key)
+        cache = cache_dir_for(files, cfg.data.tokenizer, tokenizer, cfg.data.text_field)
+        if not (cache / "manifest.json").exists():
+            try:
+                prepare(files, str(cache), cfg.data.tokenizer, text_field=cfg.data.text_field,
+                        progress=False, overwrite=True)
+            except OSError:  # another process finished first: use its copy
+                if not (cache / "manifest.json").exists():
+                    raise
+        data = PreparedData(str(cache), key)
+    data.check_tokenizer(tokenizer, key)
+    return data
+
+
+def load_split(cfg, tokenizer, split: str, path: str | None = None,
+               key: str = "data.path") -> Split:
+    """The documents of `split` from `path` (default data.path; "" = embedded corpus)."""
+    path = cfg.data.path if path is None else path
+    if not path:
+        return Split.from_stream(
+            token_stream(tokenizer, embedded_documents(split, cfg.data.eval_fraction)),
+            tokenizer.eos_id)
+    data = open_prepared(path, cfg, tokenizer, key)
+    docs = np.flatnonzero(eval_mask(len(data), cfg.data.eval_fraction) == (split == "eval"))
+    return Split(data.doc_len[docs] + 1, doc_fn=lambda j: data.doc(docs[j]))
+
+
+def _members(cfg, tokenizer, split: str) -> list[tuple[Split, float]]:
+    if cfg.data.mixture:
+        return [(load_split(cfg, tokenizer, split, p, "data.mixture"), w)
+                for p, w in parse_mixture(cfg.data.mixture)]
+    return [(load_split(cfg, tokenizer, split), 1.0)]
+
+
+def _pad_and_slice(batch: dict, size: int, index: int, count: int) -> dict:
+    out = {}
+    for k in KEYS:
+        v = batch[k]
+        if len(v) < size:
+            v = np.concatenate([v, np.zeros((size - len(v),) + v.shape[1:], v.dtype)])
+        out[k] = v[index::count]
+    return out
 
 
 def make_pipeline(cfg, tokenizer, split: str = "train", process_index: int = 0,
@@ -68,13 +231,50 @@ def make_pipeline(cfg, tokenizer, split: str = "train", process_index: int = 0,
     batch_size = batch_size or cfg.train.batch_size
     if batch_size % process_count:
         raise ValueError(f"train.batch_size {batch_size} not divisible by {process_count} processes")
-    source = PackedWindows(load_split(cfg, tokenizer, split), cfg.data.seq_len, tokenizer)
-    if len(source) == 0:
-        raise ValueError(f"data: the {split} split has fewer than seq_len+1 tokens")
-    ds = grain.MapDataset.source(source)
+    if split not in ("train", "eval"):
+        raise ValueError(f"split: got {split!r}; allowed: train, eval")
+    seq_len, packing, seed = cfg.data.seq_len, cfg.data.packing, cfg.train.seed
+    element = PackedWindows if packing == "concat" else DocPieces
+    sources = []
+    for path_split, weight in _members(cfg, tokenizer, split):
+        source = element(path_split, seq_len, tokenizer)
+        if len(source) == 0:
+            raise ValueError(f"data: the {split} split has fewer than seq_len+1 tokens")
+        sources.append((grain.MapDataset.source(source), weight))
+    local = batch_size // process_count
+    bins = max(2 * local, 16)
     if split == "train":
-        ds = ds.seed(cfg.train.seed).shuffle().repeat()
-    ds = ds[process_index::process_count]
-    ds = ds.batch(batch_size // process_count, drop_remainder=split == "train")
-    it = ds.to_iter_dataset()
-    return iter(it)
+        parts = [ds.seed(seed + k).shuffle().repeat() for k, (ds, _) in enumerate(sources)]
+        ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(
+            parts, [w for _, w in sources])
+        ds = ds[process_index::process_count]
+        if packing == "concat":
+            it = ds.batch(local, drop_remainder=True).to_iter_dataset()
+        else:
+            it = first_fit(ds.to_iter_dataset(), seq_len, seed, True, bins).batch(
+                local, drop_remainder=True)
+    else:
+        ds = grain.MapDataset.concatenate([ds for ds, _ in sources])
+        it = ds.to_iter_dataset()
+        if packing == "first_fit":
+            it = first_fit(it, seq_len, seed, False, bins)
+        it = it.batch(batch_size, drop_remainder=False).map(
+            lambda b: _pad_and_slice(b, batch_size, process_index, process_count))
+    if not cfg.data.prefetch:
+        return iter(it)
+    it = iter(grain.experimental.ThreadPrefetchIterDataset(
+        it, prefetch_buffer_size=cfg.data.prefetch))
+    _LIVE.add(it)
+    return it
+
+
+_LIVE = weakref.WeakSet()
+
+
+@atexit.register
+def _close_prefetchers() -> None:
+    """Stop prefetch threads at exit; grain's __del__ would run again during interpreter
+    teardown (module globals gone) and print tracebacks, so it is disabled then."""
+    for it in list(_LIVE):
+        it.close()
+    grain.experimental.ThreadPrefetchDatasetIterator.__del__ = lambda self: None
