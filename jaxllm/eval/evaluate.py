@@ -68,10 +68,12 @@ def format_report(r: dict) -> str:
              f"| loss (nats/token) | {r['loss']:.4f} |",
              f"| perplexity (per token) | {r['perplexity']:.3f} |"]
     if r.get("tasks"):
-        lines += ["", "| task | kind | n | acc | acc_norm | chance |", "|---|---|---:|---:|---:|---:|"]
+        lines += ["", "| task | kind | n | skipped | acc | acc_norm | chance |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
         for t in r["tasks"]:
             norm = f"{t['acc_norm']:.3f}" if "acc_norm" in t else "-"
-            lines.append(f"| {t['task']} | {t['kind']} | {t['n']} | {t['acc']:.3f} | {norm} | "
+            lines.append(f"| {t['task']} | {t['kind']} | {t['n']} | {t['skipped']} | "
+                         f"{t['acc']:.3f} | {norm} | "
                          f"{t['chance']:.3f} |")
     if r.get("extrapolation"):
         lines += ["", ("length extrapolation (training length "

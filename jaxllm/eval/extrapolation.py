@@ -5,10 +5,10 @@ length L on longer inputs, two ways, both here:
 
 - non-overlapping: every document ([EOS] + doc + [EOS]) is cut into pieces of the eval
   length, each scored in full from position 0 (as `bpb.evaluate_bpb`);
-- sliding window: windows of the eval length advance by the training length (the stride);
-  the first window of a document scores all its tokens, every later window only its last
-  `stride` (new) tokens, so each scored token sees at least eval_length - stride tokens of
-  context when the document has them.
+- sliding window: windows of the eval length start every training length (the stride);
+  the first window of a document scores all its tokens, every later window only the tokens
+  no earlier window scored (its last `stride`), so each scored token past the first window
+  sees at least eval_length - stride tokens of context. At 1x both ways are the same.
 
 Both score exactly the same tokens at every length, so the numbers are comparable down a
 column: falling bpb means the model uses the longer context, rising bpb that it breaks
@@ -27,18 +27,18 @@ FACTORS = (1, 2, 4, 8)
 
 
 def sliding_requests(docs, eos_id: int, window: int, stride: int) -> list[Request]:
-    """Windows of `window` targets every `stride`, scoring only the new targets."""
+    """Windows of at most `window` targets starting every `stride` targets, each scoring
+    only the targets no earlier window scored (the Hugging Face perplexity recipe)."""
     reqs = []
     for d in docs:
         seg = np.concatenate([[eos_id], d]).astype(np.int32)
-        n = len(seg) - 1
-        end = min(window, n)
-        reqs.append(Request(seg[:end + 1], 0))
-        while end < n:
-            new_end = min(end + stride, n)
-            a = max(0, new_end - window)
-            reqs.append(Request(seg[a:new_end + 1], end - a))
-            end = new_end
+        n, done = len(seg) - 1, 0
+        for begin in range(0, n, stride):
+            end = min(begin + window, n)
+            reqs.append(Request(seg[begin:end + 1], done - begin))
+            done = end
+            if end == n:
+                break
     return reqs
 
 

@@ -17,7 +17,8 @@ Two task kinds, one JSON object per line (a file holds one kind; blank lines are
 
 Context and continuation are encoded separately (so the continuation's tokens do not
 depend on the context) and joined after the document-start EOS; a context longer than the
-model's `seq_len` keeps its last tokens. Requests are batched at one fixed row length
+model's `seq_len` keeps its last tokens; an item whose continuation alone is longer is
+left out and counted as `skipped`. Requests are batched at one fixed row length
 (`scoring.Scorer`).
 """
 
@@ -114,21 +115,31 @@ def load_task(path: str) -> Task:
     return Task(name, kind, items)
 
 
-def _request(tok, context: str, continuation: str, seq_len: int) -> Request:
+def _request(tok, context: str, continuation: str, seq_len: int) -> Request | None:
+    """None when the continuation alone does not fit in `seq_len` targets."""
     ctx = np.concatenate([[tok.eos_id], tok.encode_array(context)]).astype(np.int32)
     cont = tok.encode_array(continuation).astype(np.int32)
     if len(cont) == 0 or len(cont) > seq_len:
-        raise ConfigError(f"continuation {continuation[:40]!r} has {len(cont)} tokens; "
-                          f"needs 1..{seq_len}")
+        return None
     tokens = np.concatenate([ctx, cont])[-(seq_len + 1):]
     return Request(tokens, len(tokens) - 1 - len(cont))
 
 
-def task_requests(task: Task, tok, seq_len: int) -> list[Request]:
-    if task.kind == "multiple_choice":
-        return [_request(tok, ctx, " " + c, seq_len)
-                for ctx, choices, _ in task.items for c in choices]
-    return [_request(tok, ctx, word, seq_len) for ctx, word in task.items]
+def task_requests(task: Task, tok, seq_len: int) -> tuple[list, list[Request]]:
+    """(items that fit, their requests: one per choice, or one per last-word item). Items
+    with a continuation longer than `seq_len` tokens are left out (reported as skipped)."""
+    items, reqs = [], []
+    for item in task.items:
+        if task.kind == "multiple_choice":
+            rs = [_request(tok, item[0], " " + c, seq_len) for c in item[1]]
+        else:
+            rs = [_request(tok, item[0], item[1], seq_len)]
+        if all(r is not None for r in rs):
+            items.append(item)
+            reqs.extend(rs)
+    if not items:
+        raise ConfigError(f"task {task.name}: no item fits in seq_len {seq_len} tokens")
+    return items, reqs
 
 
 def row_length(reqs, seq_len: int) -> int:
@@ -140,29 +151,27 @@ def row_length(reqs, seq_len: int) -> int:
 
 def evaluate_task(scorer, task: Task, seq_len: int) -> dict:
     """{task, kind, n, acc[, acc_norm][, mean_logprob]}; chance level is reported too."""
-    tok = scorer.run.tokenizer
-    reqs = task_requests(task, tok, seq_len)
+    items, reqs = task_requests(task, scorer.run.tokenizer, seq_len)
     greedy = task.kind == "last_word"
     s = scorer.score(reqs, row_length(reqs, seq_len), packing=False, greedy=greedy)
     logprob = -s.nll
+    n = len(items)
+    head = {"task": task.name, "kind": task.kind, "n": n, "skipped": len(task.items) - n}
     if greedy:
-        return {"task": task.name, "kind": task.kind, "n": len(task.items),
-                "acc": float(s.greedy.mean()), "mean_logprob": float(logprob.mean()),
+        return {**head, "acc": float(s.greedy.mean()), "mean_logprob": float(logprob.mean()),
                 "chance": 0.0}
     correct, correct_norm, k, chance = 0, 0, 0, 0.0
-    for ctx, choices, label in task.items:
+    for ctx, choices, label in items:
         lp = logprob[k:k + len(choices)]
         lens = np.array([len(c) for c in choices], np.float64)
         correct += int(np.argmax(lp) == label)
         correct_norm += int(np.argmax(lp / lens) == label)
         chance += 1.0 / len(choices)
         k += len(choices)
-    n = len(task.items)
-    return {"task": task.name, "kind": task.kind, "n": n, "acc": correct / n,
-            "acc_norm": correct_norm / n, "chance": chance / n}
+    return {**head, "acc": correct / n, "acc_norm": correct_norm / n, "chance": chance / n}
 
 
 def item_scores(scorer, task: Task, seq_len: int) -> np.ndarray:
     """Per-request summed log-probabilities (for inspection and tests)."""
-    reqs = task_requests(task, scorer.run.tokenizer, seq_len)
+    _, reqs = task_requests(task, scorer.run.tokenizer, seq_len)
     return -scorer.score(reqs, row_length(reqs, seq_len)).nll

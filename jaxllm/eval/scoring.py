@@ -14,6 +14,7 @@ are taken on the host in float64.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -88,21 +89,7 @@ class Scorer:
         self.run, self.batch_size = run, batch_size
         self.vocab_limit = run.tokenizer.vocab_size
         chunk = run.cfg.train.loss_chunk if chunk is None else chunk
-        model_def, limit = run.model_def, self.vocab_limit
-
-        def nll_fn(params, batch):
-            return forward_sums(model_def, params, batch, chunk)[2]
-
-        def greedy_fn(params, batch):
-            model = model_def.apply(params)
-            h, _ = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
-            weights = (batch["segment_ids"] > 0).astype(jnp.float32)
-            nll = token_nll(model, h, batch["targets"], weights, chunk)[2]
-            return nll, _greedy_hits(model, h, batch["targets"], limit, chunk)
-
-        with parallel.activate(run.cfg, run.mesh):
-            self._nll = jax.jit(nll_fn)
-            self._greedy = jax.jit(greedy_fn)
+        self._nll, self._greedy = _compiled(run.model_def, chunk, self.vocab_limit)
 
     def max_length(self) -> int | None:
         """Rows may not exceed a learned position table; None when unbounded."""
@@ -144,6 +131,23 @@ class Scorer:
                     if greedy:
                         out.greedy[i] = bool(hits[r, off:off + m][sel].all())
         return out
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(model_def, chunk: int, limit: int):
+    """Jitted (nll, nll + greedy hits) functions, shared by every Scorer of one model."""
+
+    def nll_fn(params, batch):
+        return forward_sums(model_def, params, batch, chunk)[2]
+
+    def greedy_fn(params, batch):
+        model = model_def.apply(params)
+        h, _ = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
+        weights = (batch["segment_ids"] > 0).astype(jnp.float32)
+        nll = token_nll(model, h, batch["targets"], weights, chunk)[2]
+        return nll, _greedy_hits(model, h, batch["targets"], limit, chunk)
+
+    return jax.jit(nll_fn), jax.jit(greedy_fn)
 
 
 def _greedy_hits(model, h, targets, vocab_limit: int, chunk: int):
