@@ -256,3 +256,20 @@ def test_cli_eval_table_json_and_errors(trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1, (args, err)
     assert (root / "run" / "metrics.jsonl").read_text() == metrics  # the workdir is untouched
+
+
+def test_cli_sample(trained, capsys):
+    from jaxllm.cli.sample import main
+    root = trained[0]
+    main([f"--workdir={root / 'run'}", "--prompt=def ", "--max_tokens=12", "--temperature=0",
+          "--num=2"])
+    out = capsys.readouterr().out
+    assert out.count("--- sample") == 2
+    s1, s2 = [b.split("\n", 1)[1].rstrip("\n") for b in out.split("--- sample")[1:]]
+    assert s1 == s2 and s1.startswith("def ")  # greedy: both samples agree
+    for args, msg in [(["--top_p=1.5"], "top_p"), (["--max_tokens=0"], "max_tokens"),
+                      (["--num=0"], "--num")]:
+        with pytest.raises(SystemExit) as e:
+            main([f"--workdir={root / 'run'}", "--prompt=x", *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and msg in err, (args, err)
