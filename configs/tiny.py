@@ -1,4 +1,4 @@
-"""The CPU default: a 0.9M-parameter byte-level model on the embedded corpus (minutes on 2 cores)."""
+"""The CPU default: a 0.9M-parameter byte-level model on the embedded corpus (minutes, 2 cores)."""
 
 from jaxllm.config import tiny
 

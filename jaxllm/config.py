@@ -77,7 +77,7 @@ def defaults() -> ConfigDict:
     o.wsd_decay_fraction = 0.2  # wsd: share of steps spent in the final decay
     o.b1 = config_dict.placeholder(float)  # first-moment decay; None = optimizer default
     o.b2 = config_dict.placeholder(float)  # second-moment decay; None = optimizer default
-    o.eps = 1e-8  # Adam epsilon
+    o.eps = config_dict.placeholder(float)  # epsilon; None = default (Adam 1e-8, Sophia 1e-12)
     o.weight_decay = config_dict.placeholder(float)  # decoupled; None = optimizer default
     o.decay_embeddings = False  # apply weight decay to embedding tables
     o.clip = 1.0  # global gradient-norm clip; 0 = off
@@ -193,7 +193,7 @@ def _typed(cfg: ConfigDict, key: str, kind, *, lo=None, hi=None, optional=False)
 
 def validate(cfg: ConfigDict) -> ConfigDict:
     """Check every choice, type, range and cross-field rule; raise ConfigError on the first."""
-    m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
+    m, _o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
     for key in ("model.d_model", "model.n_layers", "model.n_heads"):
         _typed(cfg, key, int, lo=1)
     for key in ("model.n_kv_heads", "model.d_ff", "model.vocab_size", "model.max_position"):
@@ -224,7 +224,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         _typed(cfg, key, float, lo=0.0, optional=True)
     for key in ("optim.b1", "optim.b2"):
         _typed(cfg, key, float, lo=0.0, hi=1.0, optional=True)
-    _typed(cfg, "optim.eps", float, lo=0.0)
+    _typed(cfg, "optim.eps", float, lo=0.0, optional=True)
     _typed(cfg, "optim.clip", float, lo=0.0)
     _typed(cfg, "optim.min_lr_ratio", float, lo=0.0, hi=1.0)
     _typed(cfg, "optim.wsd_decay_fraction", float, lo=0.0, hi=1.0)
@@ -300,6 +300,29 @@ def resolved_d_ff(m: ConfigDict) -> int:
 
 def padded_vocab(size: int, multiple: int = 128) -> int:
     return -(-size // multiple) * multiple
+
+
+def reference_markdown() -> str:
+    """The config reference table (README), generated from `defaults()` and its comments."""
+    import inspect
+    import re
+    src = inspect.getsource(defaults)
+    prefix = {}
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for line in src.splitlines():
+        sec = re.match(r"\s*c\.(\w+) = (\w+) = ConfigDict\(\)", line)
+        if sec:
+            prefix[sec.group(2)] = sec.group(1)
+            continue
+        m = re.match(r"\s*(\w+)\.(\w+) = (.+?)\s+# (.+)$", line)
+        if m and m.group(1) in prefix:
+            section, key = prefix[m.group(1)], m.group(2)
+            value = defaults()[section][key]
+            shown = "`None`" if value is None else f"`{value!r}`"
+            if key == "rules":
+                shown = "see below"
+            rows.append(f"| `{section}.{key}` | {shown} | {m.group(4).replace('|', '/')} |")
+    return "\n".join(rows)
 
 
 # Keys that fix the shapes of parameters: a checkpoint restores only under equal values.

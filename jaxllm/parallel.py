@@ -37,8 +37,8 @@ def mesh_shape(cfg, n_devices: int) -> tuple[int, int, int]:
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if n_devices % known:
-            raise ConfigError(f"mesh: {dict(zip(AXES, sizes))} cannot fill {n_devices} devices "
-                              f"({n_devices} is not a multiple of {known})")
+            raise ConfigError(f"mesh: {dict(zip(AXES, sizes, strict=True))} cannot fill "
+                              f"{n_devices} devices ({n_devices} is not a multiple of {known})")
         sizes[sizes.index(-1)] = n_devices // known
     if int(np.prod(sizes)) != n_devices:
         raise ConfigError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but there are "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 
@@ -23,6 +24,25 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
+def define_config_flag(argv, name: str = "config") -> None:
+    """Define `--config` (an ml_collections config file, locked; default: the tiny CPU config
+    in jaxllm/config.py). Defining it already applies `--config.KEY=VALUE` overrides, so it
+    runs under the error contract."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    import jaxllm.config as jaxllm_config
+    if name in flags.FLAGS:
+        return
+    try:
+        config_flags.DEFINE_config_file(
+            name, jaxllm_config.__file__,
+            "config file (configs/NAME.py[:ARG]); default: the tiny CPU config",
+            lock_config=True)
+    except (AttributeError, KeyError):
+        _fail(_unknown_key(argv))
+
+
 def parse_config(flag_values, argv):
     """Parse absl flags (ml_collections config file + `--config.KEY=VALUE` overrides) under
     the error contract, then validate."""
@@ -33,7 +53,32 @@ def parse_config(flag_values, argv):
         flag_values(list(argv))
     except flags.Error as e:
         _fail(str(e).strip().splitlines()[-1].replace("flag --", "--"))
+    except (AttributeError, KeyError):
+        _fail(_unknown_key(argv))
     except (OSError, SyntaxError, ImportError) as e:
         _fail(f"--config: {e}")
-    cfg = flag_values["config"].value
-    return validate(cfg.unlock() if hasattr(cfg, "unlock") else cfg)
+    try:
+        cfg = flag_values["config"].value
+        cfg = cfg.unlock() if hasattr(cfg, "unlock") else cfg
+    except OSError:
+        path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
+        why = "no such file" if not os.path.exists(path.split(":")[0]) else "it failed to load"
+        _fail(f"--config: cannot load {path} ({why}); give a configs/NAME.py[:ARG] file")
+    return validate(cfg)
+
+
+def _unknown_key(argv) -> str:
+    """Name the first `--config.KEY=...` override that is not in the schema."""
+    from jaxllm.config import defaults
+    schema = defaults()
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        node, parts = schema, arg[len("--config."):].split("=")[0].split(".")
+        for i, part in enumerate(parts):
+            if not hasattr(node, "keys") or part not in node:
+                where = ".".join(parts[:i]) or "the top level"
+                allowed = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+                return (f"{'.'.join(parts)}: unknown config key; keys under {where}: {allowed}")
+            node = node[part]
+    return "--config: unknown config key"

@@ -22,9 +22,13 @@ Packing (`data.packing`):
 
 Train: shuffled from `train.seed`, repeated forever, each process reads the disjoint
 elements `process_index::process_count` (of the shuffled, mixed stream, before packing).
-Eval: deterministic and finite; every process walks the same global rows and takes its
-slice of each global batch, the last global batch padded with segment-0 rows (targets 0,
-target_bytes 0), so all processes see the same number of batches.
+With `concat` the global batch of a step holds the same windows for any process count;
+with `first_fit` each process packs its own elements, so rows depend on the process count.
+Eval: deterministic and finite (one pass); every process walks the same global rows and
+takes its slice of each global batch, the last global batch padded with segment-0 rows, so
+all processes see the same number of batches. Padding anywhere (first-fit rows, padded eval
+rows) has segment id 0, position 0, inputs/targets = the tokenizer's pad id, and
+target_bytes 0.
 `data.prefetch` > 0 prepares that many batches ahead in a background thread. Iterator
 state (`get_state`/`set_state`) restores the exact position.
 """
@@ -37,17 +41,26 @@ import weakref
 import grain
 import numpy as np
 
+from jaxllm.config import ConfigError
 from jaxllm.data.corpus import embedded_documents, expand_inputs
 from jaxllm.data.prepare import PreparedData, cache_dir_for, eval_mask, prepare
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "target_bytes")
+# Elements are cheap memory-mapped slices: two reader threads keep up, and grain's default
+# (16 threads, 500 elements ahead) costs ~1 s at every start and restore on a small host.
+READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
 
 
 def token_stream(tokenizer, documents) -> np.ndarray:
     """Concatenate encoded documents, each followed by EOS."""
+    texts = [text for _, text in documents]
+    if hasattr(tokenizer, "encode_batch"):
+        encoded = tokenizer.encode_batch(texts)
+    else:
+        encoded = map(getattr(tokenizer, "encode_array", tokenizer.encode), texts)
     parts = []
-    for _, text in documents:
-        parts.append(np.asarray(tokenizer.encode(text), dtype=np.int32))
+    for ids in encoded:
+        parts.append(np.asarray(ids, dtype=np.int32))
         parts.append(np.asarray([tokenizer.eos_id], dtype=np.int32))
     return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
 
@@ -147,10 +160,12 @@ class DocPieces:
                 "target_bytes": self.tokenizer.token_bytes(w[1:]).astype(np.int32)}
 
 
-def first_fit(ds: grain.IterDataset, seq_len: int, seed: int, shuffle: bool, bins: int):
+def first_fit(ds: grain.IterDataset, seq_len: int, seed: int, shuffle: bool, bins: int,
+              pad_id: int):
     length = {"inputs": seq_len, "targets": seq_len, "target_bytes": seq_len}
     packed = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct=length, num_packing_bins=bins, seed=seed, shuffle_bins=shuffle)
+        ds, length_struct=length, num_packing_bins=bins, seed=seed, shuffle_bins=shuffle,
+        padding_struct={"inputs": pad_id, "targets": pad_id, "target_bytes": 0})
     return packed.map(lambda e: {
         "inputs": e["inputs"], "targets": e["targets"],
         "segment_ids": e["inputs_segment_ids"].astype(np.int32),
@@ -174,7 +189,9 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
 
 
 def open_prepared(path: str, cfg, tokenizer, key: str) -> PreparedData:
-    """A prepared directory, or raw files/globs prepared once into a cache beside them."""
+    """A prepared directory, or raw files/globs prepared once into a cache beside them (in
+    this process: no worker processes inside a training job; for big corpora run
+    tools/prepare_data.py, which tokenizes in parallel)."""
     import pathlib
 
     p = pathlib.Path(path).expanduser()
@@ -186,8 +203,8 @@ def open_prepared(path: str, cfg, tokenizer, key: str) -> PreparedData:
         if not (cache / "manifest.json").exists():
             try:
                 prepare(files, str(cache), cfg.data.tokenizer, text_field=cfg.data.text_field,
-                        progress=False, overwrite=True)
-            except OSError:  # another process finished first: use its copy
+                        workers=1, progress=False)
+            except (OSError, ValueError):  # another process finished first: use its copy
                 if not (cache / "manifest.json").exists():
                     raise
         data = PreparedData(str(cache), key)
@@ -215,22 +232,36 @@ def _members(cfg, tokenizer, split: str) -> list[tuple[Split, float]]:
     return [(load_split(cfg, tokenizer, split), 1.0)]
 
 
-def _pad_and_slice(batch: dict, size: int, index: int, count: int) -> dict:
+def _pad_and_slice(batch: dict, size: int, index: int, count: int, pad_id: int) -> dict:
     out = {}
     for k in KEYS:
         v = batch[k]
         if len(v) < size:
-            v = np.concatenate([v, np.zeros((size - len(v),) + v.shape[1:], v.dtype)])
+            fill = pad_id if k in ("inputs", "targets") else 0
+            v = np.concatenate([v, np.full((size - len(v),) + v.shape[1:], fill, v.dtype)])
         out[k] = v[index::count]
     return out
 
 
 def make_pipeline(cfg, tokenizer, split: str = "train", process_index: int = 0,
                   process_count: int = 1, batch_size: int | None = None):
-    """A checkpointable iterator of per-process batches (dict of [local_batch, seq_len])."""
+    """A checkpointable iterator of per-process batches (dict of [local_batch, seq_len]).
+
+    Bad data settings or files raise ConfigError (a ValueError) naming the key and file.
+    """
+    try:
+        return _make_pipeline(cfg, tokenizer, split, process_index, process_count, batch_size)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _make_pipeline(cfg, tokenizer, split, process_index, process_count, batch_size):
     batch_size = batch_size or cfg.train.batch_size
     if batch_size % process_count:
-        raise ValueError(f"train.batch_size {batch_size} not divisible by {process_count} processes")
+        raise ValueError(f"train.batch_size: {batch_size} is not divisible by "
+                         f"{process_count} processes")
     if split not in ("train", "eval"):
         raise ValueError(f"split: got {split!r}; allowed: train, eval")
     seq_len, packing, seed = cfg.data.seq_len, cfg.data.packing, cfg.train.seed
@@ -249,17 +280,18 @@ def make_pipeline(cfg, tokenizer, split: str = "train", process_index: int = 0,
             parts, [w for _, w in sources])
         ds = ds[process_index::process_count]
         if packing == "concat":
-            it = ds.batch(local, drop_remainder=True).to_iter_dataset()
+            it = ds.batch(local, drop_remainder=True).to_iter_dataset(READ)
         else:
-            it = first_fit(ds.to_iter_dataset(), seq_len, seed, True, bins).batch(
-                local, drop_remainder=True)
+            it = first_fit(ds.to_iter_dataset(READ), seq_len, seed, True, bins,
+                           tokenizer.pad_id).batch(local, drop_remainder=True)
     else:
         ds = grain.MapDataset.concatenate([ds for ds, _ in sources])
-        it = ds.to_iter_dataset()
+        it = ds.to_iter_dataset(READ)
         if packing == "first_fit":
-            it = first_fit(it, seq_len, seed, False, bins)
+            it = first_fit(it, seq_len, seed, False, max(2 * batch_size, 16), tokenizer.pad_id)
         it = it.batch(batch_size, drop_remainder=False).map(
-            lambda b: _pad_and_slice(b, batch_size, process_index, process_count))
+            lambda b: _pad_and_slice(b, batch_size, process_index, process_count,
+                                     tokenizer.pad_id))
     if not cfg.data.prefetch:
         return iter(it)
     it = iter(grain.experimental.ThreadPrefetchIterDataset(

@@ -45,6 +45,8 @@ def _init_worker(spec: str) -> None:
 
 
 def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
+    if hasattr(_worker_tok, "encode_batch"):
+        return [np.asarray(ids, dtype=np.int64) for ids in _worker_tok.encode_batch(texts)]
     return [np.asarray(_worker_tok.encode(t), dtype=np.int64) for t in texts]
 
 
@@ -70,9 +72,13 @@ def prepare(files: list[str], out_dir: str, tokenizer_spec: str, *, text_field: 
             shard_tokens: int = 1 << 28, overwrite: bool = False) -> dict:
     """Tokenize the documents of `files` (corpus.expand_inputs) into `out_dir`.
 
-    Tokenization runs in `workers` processes (0 = one per CPU, up to 8; 1 = in this process)
-    with a tqdm bar. Bad records are counted, never fatal. Returns the manifest. The
-    directory appears atomically (written under a temporary name, then renamed).
+    Tokenization runs in `workers` processes (0 = one per CPU, up to 8; 1 = in this process,
+    where SentencePiece and `tokenizers` still encode each chunk on their own threads) with a
+    tqdm bar. Worker processes are started with "spawn" (safe beside JAX's threads), which
+    re-imports the `__main__` module: call this from a script under
+    `if __name__ == "__main__":` (as tools/prepare_data.py does), or use workers=1.
+    Bad records are counted, never fatal. Returns the manifest. The directory appears
+    atomically (written under a temporary name, then renamed).
     """
     from tqdm import tqdm
 
@@ -136,9 +142,13 @@ def prepare(files: list[str], out_dir: str, tokenizer_spec: str, *, text_field: 
         "bad_records": dict(bad.counts, total=bad.total),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        if out.exists() and overwrite:
+            shutil.rmtree(out)
+        os.replace(tmp, out)  # fails (OSError) if another writer's copy appeared meanwhile
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return manifest
 
 

@@ -41,22 +41,26 @@ def summary(lengths: np.ndarray) -> dict:
 
 
 def histogram_png(lengths: np.ndarray, path: str, title: str = "") -> None:
-    """Document-length histogram on log-spaced bins, with the candidate lengths marked."""
+    """Document-length histograms on log-spaced bins (documents, and tokens they hold), with
+    the candidate lengths marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lengths = np.maximum(np.asarray(lengths, np.int64), 1)
-    bins = np.logspace(0, np.log10(max(lengths.max(), 2)) + 0.05, 60)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.hist(lengths, bins=bins, weights=lengths, color="#4477aa", label="tokens")
-    for L in DEFAULT_LENGTHS:
-        ax.axvline(L, color="#cc6677", lw=0.8, ls="--")
-    ax.set_xscale("log")
-    ax.set_xlabel("document length (tokens, log scale); dashed: 512 ... 32768")
-    ax.set_ylabel("tokens in documents of this length")
-    ax.set_title(title or "document lengths")
+    lo, hi = np.log10(lengths.min()), np.log10(max(lengths.max(), 2))
+    bins = np.logspace(lo - 0.05, hi + 0.05, 50)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, weights, label in ((axes[0], None, "documents"),
+                               (axes[1], lengths, "tokens in these documents")):
+        ax.hist(lengths, bins=bins, weights=weights, color="#4477aa")
+        for L in DEFAULT_LENGTHS:
+            ax.axvline(L, color="#cc6677", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("document length in tokens (dashed: 512 ... 32768)")
+        ax.set_ylabel(label)
+    fig.suptitle(title or "document lengths")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -15,14 +15,16 @@ tokenizer. Exactness needs every id to stand for one fixed byte string, so:
   the first word of a document may then split differently than under its native settings.
   The one text that cannot round-trip is a literal U+2581 `▁` (it decodes as a space).
 - Byte-level BPE (GPT-2 / GPT-NeoX style; Sennrich et al. 2016, Radford et al. 2019) from a
-  Hugging Face `tokenizers` `.json` whose pre-tokenizer and decoder are ByteLevel: each
-  character of a token maps back to one byte.
+  Hugging Face `tokenizers` `.json` whose pre-tokenizer and decoder are ByteLevel and that
+  has no normalizer: each character of a token maps back to one byte. A ByteLevel
+  `add_prefix_space` is switched off on load (it would add a byte the text lacks).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -48,7 +50,7 @@ class ByteTokenizer:
 
     def token_bytes(self, ids) -> np.ndarray:
         ids = np.asarray(ids)
-        return (ids < 256).astype(np.int32)
+        return ((ids >= 0) & (ids < 256)).astype(np.int32)
 
 
 class _TableTokenizer:
@@ -95,7 +97,8 @@ class SentencePieceTokenizer(_TableTokenizer):
         try:
             self.sp.LoadFromSerializedProto(proto.SerializeToString())
         except Exception as e:
-            raise ValueError(f"data.tokenizer: {path} is a corrupt SentencePiece model ({e})") from e
+            raise ValueError(
+                f"data.tokenizer: {path} is a corrupt SentencePiece model ({e})") from e
         mtype = {1: "unigram", 2: "bpe"}.get(proto.trainer_spec.model_type, "other")
         self.kind = f"sentencepiece_{mtype}"
         self.vocab_size = self.sp.get_piece_size()
@@ -114,6 +117,10 @@ class SentencePieceTokenizer(_TableTokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Several texts at once, on SentencePiece's own threads."""
+        return self.sp.encode(texts, num_threads=os.cpu_count() or 1)
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
@@ -141,19 +148,26 @@ class ByteLevelBPETokenizer(_TableTokenizer):
     def __init__(self, path: pathlib.Path, data: bytes):
         from tokenizers import Tokenizer
 
-        try:
-            spec = json.loads(data)
-            self.tok = Tokenizer.from_str(data.decode("utf-8"))
-        except Exception as e:
-            raise ValueError(f"data.tokenizer: {path} is not a valid tokenizers .json ({e})") from e
+        def nodes(node) -> list:
+            if not isinstance(node, dict):
+                return []
+            out = [node]
+            for sub in node.get("pretokenizers", []) + node.get("decoders", []):
+                out += nodes(sub)
+            return out
 
         def types(node) -> set:
-            if not isinstance(node, dict):
-                return set()
-            out = {node.get("type")}
-            for sub in node.get("pretokenizers", []) + node.get("decoders", []):
-                out |= types(sub)
-            return out
+            return {n.get("type") for n in nodes(node)}
+
+        try:
+            spec = json.loads(data)
+            # A prefix space (RoBERTa style) would add a byte the text does not have.
+            for n in nodes(spec.get("pre_tokenizer")):
+                if n.get("type") == "ByteLevel":
+                    n["add_prefix_space"] = False
+            self.tok = Tokenizer.from_str(json.dumps(spec))
+        except Exception as e:
+            raise ValueError(f"data.tokenizer: {path} is not a valid tokenizers .json ({e})") from e
 
         if "ByteLevel" not in types(spec.get("pre_tokenizer")) or "ByteLevel" not in types(
                 spec.get("decoder")) or spec.get("normalizer") is not None:
@@ -182,6 +196,10 @@ class ByteLevelBPETokenizer(_TableTokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Several texts at once, on the tokenizers library's own threads."""
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]

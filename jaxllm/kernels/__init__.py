@@ -23,13 +23,27 @@ def _default_positions(x, n):
     return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (x.shape[0], n))
 
 
-def resolve_backend(backend: str, *, alibi: bool, platform: str | None = None) -> str:
-    """The backend `auto` stands for on this platform."""
+def resolve_backend(backend: str, *, alibi: bool, platform: str | None = None,
+                    dtype=None) -> str:
+    """The backend `auto` stands for on this platform; other names pass through (checked).
+
+    GPU: `cudnn` for bfloat16/float16 without ALiBi (cuDNN's fused kernels); `flash` with
+    ALiBi (cuDNN would need a dense [B, H, T, S] bias, 2.2-4.4x slower, shared/REFERENCE.md)
+    and for float32 (cuDNN flash attention takes only half precision); `flash` on ROCm.
+    CPU: `xla`.
+    TPU: `xla` (XLA's fusions; the Pallas kernel here lowers to Triton, not Mosaic; a TPU
+    splash-attention path is not implemented). Anything else: `xla`.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
     platform = platform or jax.default_backend()
-    if platform == "gpu" and not alibi:
-        return "cudnn"
+    if platform == "rocm":  # no cuDNN; the Pallas kernel has a ROCm Triton lowering
+        return "flash"
+    if platform in ("gpu", "cuda"):
+        half = dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        return "cudnn" if half and not alibi else "flash"
     return "xla"
 
 
@@ -45,7 +59,7 @@ def attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, positions=None,
         positions = _default_positions(q, t) + (s - t)
     if kv_positions is None:
         kv_positions = positions if s == t else _default_positions(k, s)
-    backend = resolve_backend(backend, alibi=alibi_slopes is not None)
+    backend = resolve_backend(backend, alibi=alibi_slopes is not None, dtype=q.dtype)
     if backend == "xla":
         fn = xla.attention
     elif backend == "cudnn":

@@ -41,9 +41,11 @@ class Attention(nnx.Module):
         """x [B, T, d]; segment_ids/positions [B, T]. With `cache` (dict of k, v [B, S, K, D],
         index: slots already filled), new keys are written at `index` and attention runs
         over the filled slots; returns (y, new_cache)."""
-        q = constrain(self._proj(x, self.wq, self.q_bias), "batch", "length", "heads", "head_dim")
-        k = constrain(self._proj(x, self.wk, self.k_bias), "batch", "length", "kv_heads", "head_dim")
-        v = constrain(self._proj(x, self.wv, self.v_bias), "batch", "length", "kv_heads", "head_dim")
+        names = ("batch", "length", "heads", "head_dim")
+        kv_names = ("batch", "length", "kv_heads", "head_dim")
+        q = constrain(self._proj(x, self.wq, self.q_bias), *names)
+        k = constrain(self._proj(x, self.wk, self.k_bias), *kv_names)
+        v = constrain(self._proj(x, self.wv, self.v_bias), *kv_names)
         if self.pos_encoding == "rope":
             q = apply_rope(q, positions, self.rope_base)
             k = apply_rope(k, positions, self.rope_base)
@@ -55,8 +57,8 @@ class Attention(nnx.Module):
             v = jax_update(cache["v"], v, idx)
             kv_seg = jax_update(cache["segment_ids"], segment_ids, idx)
             kv_pos = jax_update(cache["positions"], positions, idx)
-            cache = dict(k=k, v=v, segment_ids=kv_seg, positions=kv_pos,
-                         index=idx + x.shape[1])
+            cache = {"k": k, "v": v, "segment_ids": kv_seg, "positions": kv_pos,
+                         "index": idx + x.shape[1]}
         y = kernels.attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_seg,
                               positions=positions, kv_positions=kv_pos, alibi_slopes=slopes,
                               causal=True, backend=self.backend)

@@ -88,10 +88,12 @@ class MLP(nnx.Module):
         self.act = ACT[GATED.get(m.activation, m.activation)]
         out_std = m.init_std / (2 * m.n_layers) ** 0.5
         self.w_up = param(rngs, (d, d_ff), ("embed", "mlp"), m.init_std, pd)
-        self.w_gate = param(rngs, (d, d_ff), ("embed", "mlp"), m.init_std, pd) if self.gated else None
+        self.w_gate = (param(rngs, (d, d_ff), ("embed", "mlp"), m.init_std, pd)
+                       if self.gated else None)
         self.w_down = param(rngs, (d_ff, d), ("mlp", "embed"), out_std, pd)
         self.up_bias = param(rngs, (d_ff,), ("mlp",), None, pd) if m.use_bias else None
-        self.gate_bias = param(rngs, (d_ff,), ("mlp",), None, pd) if m.use_bias and self.gated else None
+        self.gate_bias = (param(rngs, (d_ff,), ("mlp",), None, pd)
+                          if m.use_bias and self.gated else None)
         self.down_bias = param(rngs, (d,), ("embed",), None, pd) if m.use_bias else None
 
     def _dense(self, x, w, b):

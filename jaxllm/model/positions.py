@@ -27,7 +27,7 @@ def alibi_slopes(n_heads: int) -> np.ndarray:
         start = 2.0 ** (-8.0 / n)
         return [start ** (i + 1) for i in range(n)]
 
-    p = 2 ** int(math.floor(math.log2(n_heads)))
+    p = 2 ** math.floor(math.log2(n_heads))
     slopes = power_of_two(p)
     if p != n_heads:
         slopes += power_of_two(2 * p)[0::2][: n_heads - p]

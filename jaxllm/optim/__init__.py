@@ -1,42 +1,39 @@
-"""Optimizers as optax chains: `build_optimizer(cfg)` (AdamW for now; see the optimizer issue)."""
+"""Optimizers: `build_optimizer(cfg)` and the pieces the train loop logs and shards.
 
-from __future__ import annotations
+Train-step contract (see build.py, sophia.py):
 
-import jax
-import optax
+    tx = build_optimizer(cfg)                      # optax.GradientTransformationExtraArgs
+    extra = hessian_extra_args(cfg, step, model_fn, params, batch, rng)   # {} unless Sophia
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    lr = lr_schedule(cfg)(step); metrics |= optimizer_metrics(opt_state)
+"""
 
+from jaxllm.optim.adam8bit import (
+    SIGNED_MAP,
+    UNSIGNED_MAP,
+    adam8bit,
+    block_for,
+    dequantize_blockwise,
+    dynamic_map,
+    quantize_blockwise,
+    scale_by_adam8bit,
+)
+from jaxllm.optim.build import (
+    build_optimizer,
+    decay_mask,
+    hessian_estimator,
+    hessian_extra_args,
+    lr_schedule,
+    resolved_hparams,
+    skip_nonfinite,
+)
+from jaxllm.optim.sophia import SophiaState, gauss_newton_bartlett, hutchinson, scale_by_sophia
+from jaxllm.optim.state import opt_state_bytes, opt_state_shardings, optimizer_metrics
 
-def lr_schedule(cfg):
-    o = cfg.optim
-    peak = o.lr if o.lr is not None else 6e-4
-    return optax.warmup_cosine_decay_schedule(0.0, peak, max(o.warmup_steps, 1),
-                                              max(cfg.train.steps, o.warmup_steps + 1),
-                                              end_value=peak * o.min_lr_ratio)
-
-
-def decay_mask(params):
-    def keep(path, _):
-        name = str(getattr(path[-1], "key", path[-1]))
-        return not (name in ("scale", "bias", "embedding") or name.endswith("_bias"))
-    return jax.tree_util.tree_map_with_path(keep, params)
-
-
-def build_optimizer(cfg):
-    o = cfg.optim
-    wd = o.weight_decay if o.weight_decay is not None else 0.1
-    parts = [optax.clip_by_global_norm(o.clip)] if o.clip else []
-    parts.append(optax.adamw(lr_schedule(cfg), b1=o.b1 or 0.9, b2=o.b2 or 0.95, eps=o.eps,
-                             weight_decay=wd, mask=decay_mask))
-    return optax.with_extra_args_support(optax.chain(*parts))
-
-
-def hessian_estimator(cfg):
-    return None
-
-
-def optimizer_metrics(opt_state) -> dict:
-    return {}
-
-
-def opt_state_bytes(opt_state) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_state)))
+__all__ = [
+    "SIGNED_MAP", "UNSIGNED_MAP", "SophiaState", "adam8bit", "block_for", "build_optimizer",
+    "decay_mask", "dequantize_blockwise", "dynamic_map", "gauss_newton_bartlett",
+    "hessian_estimator", "hessian_extra_args", "hutchinson", "lr_schedule", "opt_state_bytes",
+    "opt_state_shardings", "optimizer_metrics", "quantize_blockwise", "resolved_hparams",
+    "scale_by_adam8bit", "scale_by_sophia", "skip_nonfinite",
+]

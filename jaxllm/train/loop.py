@@ -34,7 +34,9 @@ def resolve(cfg):
     try:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"data.tokenizer: {e}") from None
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith("data.tokenizer") else
+                          f"data.tokenizer: {msg}") from None
     if not cfg.model.vocab_size:
         cfg.model.vocab_size = padded_vocab(tokenizer.vocab_size)
     elif cfg.model.vocab_size < tokenizer.vocab_size:

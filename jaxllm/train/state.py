@@ -43,7 +43,8 @@ def opt_shardings(tx, abstract_params, p_shardings, mesh):
     that parameter's sharding (a blocked [..., n/bs, bs] leaf adds an unsharded axis);
     everything else (counts, scalars) is replicated."""
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    pick = lambda path, leaf: _match(path, leaf, abstract_params, p_shardings, mesh)  # noqa
+    def pick(path, leaf):
+        return _match(path, leaf, abstract_params, p_shardings, mesh)
     return jax.tree_util.tree_map_with_path(pick, abstract_opt), abstract_opt
 
 

@@ -50,7 +50,6 @@ def forward_sums(model_def, params, batch, chunk):
 
 def make_train_step(cfg, model_def, tx):
     z_coef, accum, chunk = cfg.train.z_loss, cfg.train.grad_accum, cfg.train.loss_chunk
-    estimator = optim.hessian_estimator(cfg)
     schedule = optim.lr_schedule(cfg)
 
     def loss_fn(params, micro, n_tokens):
@@ -77,18 +76,14 @@ def make_train_step(cfg, model_def, tx):
             zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
             (nll_sum, grads), _ = jax.lax.scan(acc, zero, micro)
         loss = nll_sum / n_tokens
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         rng, sub = jax.random.split(jax.random.wrap_key_data(state["rng"]))
-        extra = {}
-        if estimator is not None:
-            refresh = state["step"] % cfg.optim.hessian_every == 0
-            hess = jax.lax.cond(refresh, lambda: estimator(model_fn, params, batch, sub),
-                                lambda: jax.tree.map(jnp.zeros_like, params))
-            extra = {"hessian": hess, "refresh": refresh}
+        extra = optim.hessian_extra_args(cfg, state["step"], model_fn, params, batch, sub)
         updates, new_opt = tx.update(grads, opt_state, params, **extra)
         new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa
+        def keep(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
                      "opt_state": keep(new_opt, opt_state), "rng": jax.random.key_data(rng)}
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),

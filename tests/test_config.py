@@ -1,0 +1,91 @@
+"""The error contract for bad configs and flags: one `error:` line naming the key, exit 2."""
+
+import os
+
+import pytest
+from conftest import run_cli
+
+from jaxllm.config import ConfigError, defaults, tiny, validate
+
+BAD = [
+    (["--config.model.pos_encoding=sinusoidal"], "model.pos_encoding"),
+    (["--config.model.activation=tanh"], "model.activation"),
+    (["--config.model.d_model=abc"], "model.d_model"),
+    (["--config.model.no_such_key=1"], "no_such_key"),
+    (["--config.model.n_heads=3"], "model.d_model"),
+    (["--config.model.n_kv_heads=3"], "model.n_kv_heads"),
+    (["--config.model.pos_encoding=learned", "--config.model.max_position=64"],
+     "model.max_position"),
+    (["--config=configs/does_not_exist.py"], "does_not_exist.py"),
+    (["--config.train.steps=0"], "train.steps"),
+    (["--config.optim.name=adafactor"], "optim.name"),
+    (["--config.train.grad_accum=3"], "train.grad_accum"),
+    (["--config.mesh.fsdp=-1"], "mesh"),
+    (["--config.dist.coordinator=localhost:1234"], "dist.num_processes"),
+    (["--config.data.tokenizer=/no/such/tokenizer.model"], "data.tokenizer"),
+    (["--config.optim.b2=1.5"], "optim.b2"),
+]
+
+
+@pytest.mark.parametrize("args,key", BAD, ids=[k for _, k in BAD])
+def test_bad_input_gets_error_contract(tmp_path, args, key):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "keep.txt").write_text("precious")
+    proc = run_cli(["-m", "jaxllm.train", f"--workdir={workdir}", *args])
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and key in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+    assert sorted(os.listdir(workdir)) == ["keep.txt"]
+    assert (workdir / "keep.txt").read_text() == "precious"
+
+
+def test_defaults_and_presets_validate():
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    validate(defaults())
+    validate(tiny())
+    for name in ("base", "tiny", "gpt2_124m", "llama_1b", "mpt_style"):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(root, "configs",
+                                                                          f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        validate(mod.get_config())
+
+
+def test_presets_match_their_names():
+    import importlib.util
+
+    import jax
+    from conftest import ROOT
+    from flax import nnx
+
+    from jaxllm.model.transformer import Transformer
+    from jaxllm.train.metrics import param_count
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, f"{ROOT}/configs/{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.get_config()
+
+    def count(cfg):
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+        return param_count(nnx.to_pure_dict(nnx.split(abstract)[1]))
+    gpt2 = count(load("gpt2_124m"))
+    assert 123e6 < gpt2 < 126e6, gpt2  # 124.4M with the 50304-padded vocabulary
+    llama = count(load("llama_1b"))
+    assert 1.25e9 < llama < 1.45e9, llama
+    mpt = load("mpt_style")
+    assert (mpt.model.pos_encoding, mpt.model.activation, mpt.model.norm, mpt.model.use_bias) == (
+        "alibi", "gelu", "layernorm", False)
+    del jax
+
+
+def test_validate_raises_config_error_with_key():
+    c = tiny()
+    c.data.seq_len = 1
+    with pytest.raises(ConfigError, match="data.seq_len"):
+        validate(c)
