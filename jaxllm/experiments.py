@@ -90,10 +90,10 @@ def cells(grid: dict) -> list[tuple[str, dict, dict]]:
     names = list(grid["axes"])
     for labels in itertools.product(*(grid["axes"][a] for a in names)):
         overrides = {}
-        for axis, label in zip(names, labels):
+        for axis, label in zip(names, labels, strict=True):
             overrides.update(grid["axes"][axis][label])
-        name = "__".join(f"{a.split('.')[-1]}-{lab}" for a, lab in zip(names, labels))
-        out.append((name, dict(zip(names, labels)), overrides))
+        name = "__".join(f"{a.split('.')[-1]}-{lab}" for a, lab in zip(names, labels, strict=True))
+        out.append((name, dict(zip(names, labels, strict=True)), overrides))
     return out
 
 

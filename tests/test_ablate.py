@@ -99,7 +99,7 @@ def test_shipped_grid_and_errors(tmp_path, capsys):
     cells = ex.cells(g)
     assert len(cells) == 4 * 2 * 6 * 4
     toks = {"train:x:1": "byte"}
-    for name, labels, ov in cells[:: len(cells) // 7]:
+    for _name, _labels, ov in cells[:: len(cells) // 7]:
         ov = {k: ("byte" if k == "data.tokenizer" else v) for k, v in ov.items()}
         cfg = ex.cell_config(g["base"], ov, toks)
         assert cfg.train.steps == g["base"].train.steps  # same token budget everywhere

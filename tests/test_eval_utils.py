@@ -81,7 +81,7 @@ def ref_continuation(run, tokens, start) -> tuple[float, bool]:
     return total, greedy
 
 
-def random_run(**model):
+def random_run(tokenizer: str = "byte", **model):
     """A `restore.Run` with freshly initialized params (no checkpoint); a large init_std
     makes the predictions decisive."""
     from jaxllm import optim, parallel
@@ -91,6 +91,7 @@ def random_run(**model):
 
     cfg = tiny_cfg(**{"init_std": 0.5, **model})
     cfg.train.batch_size = 1
+    cfg.data.tokenizer = tokenizer
     tok = resolve(cfg)
     mesh = parallel.make_mesh(cfg)
     model_def, state, _ = init_state(cfg, mesh, optim.build_optimizer(cfg))

@@ -37,7 +37,7 @@ def main(argv=None) -> None:
             if not os.path.isdir(w):
                 _fail(f"{w}: not a directory")
         rows = [report.summarize(w, name) for w, name in
-                zip(args.workdirs, labels or [None] * len(args.workdirs))]
+                zip(args.workdirs, labels or [None] * len(args.workdirs), strict=True)]
         table = report.markdown_table(rows, COLUMNS)
         report.plot_runs(args.workdirs, args.out, labels, args.title)
         print(table)

@@ -83,7 +83,8 @@ def format_table(rows) -> str:
     out = ["| length | x train | bpb non-overlapping | bpb sliding (stride = train) | note |",
            "|---:|---:|---:|---:|---|"]
     for r in rows:
-        fmt = (lambda v: "n/a" if v is None else f"{v:.4f}")
+        def fmt(v):
+            return ("n/a" if v is None else f"{v:.4f}")
         out.append(f"| {r['length']} | {r['factor']} | {fmt(r['nonoverlap_bpb'])} | "
                    f"{fmt(r['sliding_bpb'])} | {r['note']} |")
     return "\n".join(out)

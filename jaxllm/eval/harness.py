@@ -161,7 +161,7 @@ def evaluate_task(scorer, task: Task, seq_len: int) -> dict:
         return {**head, "acc": float(s.greedy.mean()), "mean_logprob": float(logprob.mean()),
                 "chance": 0.0}
     correct, correct_norm, k, chance = 0, 0, 0, 0.0
-    for ctx, choices, label in items:
+    for _ctx, choices, label in items:
         lp = logprob[k:k + len(choices)]
         lens = np.array([len(c) for c in choices], np.float64)
         correct += int(np.argmax(lp) == label)

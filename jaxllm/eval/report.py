@@ -95,7 +95,7 @@ def plot_runs(workdirs: list[str], out_png: str, labels: list[str] | None = None
     labels = labels or [os.path.basename(os.path.normpath(w)) for w in workdirs]
     fig, ax = plt.subplots(2, 3, figsize=(16, 9))
     finals = []
-    for w, label in zip(workdirs, labels):
+    for w, label in zip(workdirs, labels, strict=True):
         m = read_metrics(w)
         tr, ev = m["train"], m["eval"]
         for a, rows, x, y in ((ax[0, 0], tr, "step", "loss"), (ax[0, 1], ev, "step", "bpb"),
@@ -108,7 +108,7 @@ def plot_runs(workdirs: list[str], out_png: str, labels: list[str] | None = None
     names = [("step", "train loss (nats/token)"), ("step", "eval bits per byte"),
              ("tokens", "train loss (nats/token)"), ("tokens", "eval bits per byte"),
              ("step", "tokens/s")]
-    for a, (x, y) in zip((ax[0, 0], ax[0, 1], ax[1, 0], ax[1, 1], ax[0, 2]), names):
+    for a, (x, y) in zip((ax[0, 0], ax[0, 1], ax[1, 0], ax[1, 1], ax[0, 2]), names, strict=True):
         a.set_xlabel(x)
         a.set_ylabel(y)
         a.grid(alpha=0.3)
