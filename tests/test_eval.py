@@ -63,6 +63,10 @@ def test_bpb_invariant_to_batch_and_packing_and_matches_reference(trained):
     docs = bpb.eval_documents(run.cfg, run.tokenizer, "all")
     assert len(docs) == len(EVAL_TEXTS)
     seq = run.cfg.data.seq_len
+    lim = bpb.eval_documents(run.cfg, run.tokenizer, "all", max_bytes=60)  # whole documents
+    nb = [int(run.tokenizer.token_bytes(d).sum()) for d in lim]
+    assert 0 < len(lim) < len(docs) and sum(nb[:-1]) < 60 <= sum(nb)
+    assert all((a == b).all() for a, b in zip(lim, docs, strict=False))
     results = [bpb.evaluate_bpb(Scorer(run, bs), docs, seq, packing)
                for bs in (1, 5) for packing in (True, False)]
     ref = _ref_bpb(run, EVAL_TEXTS, seq)

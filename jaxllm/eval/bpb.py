@@ -28,9 +28,11 @@ from jaxllm.train.step import bits_per_byte
 SPLITS = ("eval", "train", "all")
 
 
-def eval_documents(cfg, tokenizer, split: str = "eval") -> list[np.ndarray]:
+def eval_documents(cfg, tokenizer, split: str = "eval", max_bytes: int = 0) -> list[np.ndarray]:
     """Token arrays (each ending with EOS) of the documents of `split` of the configured data
-    (`data.path`, else each `data.mixture` member, else the embedded corpus)."""
+    (`data.path`, else each `data.mixture` member, else the embedded corpus), in a fixed
+    order; with `max_bytes`, only the first whole documents holding at least that many bytes
+    (the cut is by bytes, so runs with different tokenizers see the same text)."""
     from jaxllm.data.pipeline import load_split, parse_mixture
 
     if split not in SPLITS:
@@ -39,32 +41,22 @@ def eval_documents(cfg, tokenizer, split: str = "eval") -> list[np.ndarray]:
     sources = [(None, "data.path")]
     if cfg.data.mixture and not cfg.data.path:
         sources = [(p, "data.mixture") for p, _ in parse_mixture(cfg.data.mixture)]
-    docs = []
+    docs, total = [], 0
     try:
         for path, key in sources:
             for part in parts:
                 s = load_split(cfg, tokenizer, part, path, key)
-                docs.extend(np.asarray(s.doc(j), np.int32) for j in range(len(s)))
+                for j in range(len(s)):
+                    if max_bytes and total >= max_bytes:
+                        return docs
+                    docs.append(np.asarray(s.doc(j), np.int32))
+                    total += int(tokenizer.token_bytes(docs[-1]).sum())
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
     if not docs:
         raise ConfigError(f"--split: the {split} split of {cfg.data.path or 'the data'} has no "
                           "documents (data.eval_fraction too small?); try --split=all")
     return docs
-
-
-def limit_documents(docs, tokenizer, max_bytes: int = 0) -> list[np.ndarray]:
-    """The first whole documents holding at least `max_bytes` bytes (0 = all). The cut is by
-    bytes, so runs with different tokenizers see the same text."""
-    if not max_bytes:
-        return list(docs)
-    out, total = [], 0
-    for d in docs:
-        if total >= max_bytes:
-            break
-        out.append(d)
-        total += int(tokenizer.token_bytes(d).sum())
-    return out
 
 
 def document_requests(docs, eos_id: int, length: int) -> list[Request]:

@@ -41,8 +41,7 @@ def evaluate(workdir: str, *, step: int | None = None, data_path: str | None = N
         if v < 0:
             raise ConfigError(f"{key}: must be >= 0, got {v}")
     t0 = time.perf_counter()
-    all_docs = bpb.eval_documents(run.cfg, run.tokenizer, split)
-    docs = bpb.limit_documents(all_docs, run.tokenizer, max_bytes)
+    docs = bpb.eval_documents(run.cfg, run.tokenizer, split, max_bytes)
     out = {"workdir": workdir, "step": run.step, "data": run.cfg.data.path or (
         run.cfg.data.mixture or "embedded"), "split": split, "seq_len": seq_len,
            "train_seq_len": train_len, "packing": packing, "batch_size": batch_size,
@@ -51,7 +50,7 @@ def evaluate(workdir: str, *, step: int | None = None, data_path: str | None = N
     out["tasks"] = [harness.evaluate_task(scorer, harness.load_task(p), seq_len)
                     for p in task_files]
     if extrapolation:
-        ex_docs = bpb.limit_documents(all_docs, run.tokenizer, extrap_bytes)
+        ex_docs = bpb.eval_documents(run.cfg, run.tokenizer, split, extrap_bytes)
         out["extrapolation"] = ex.evaluate_lengths(scorer, ex_docs, train_len)
     out["seconds"] = time.perf_counter() - t0
     return out
