@@ -155,7 +155,10 @@ def run_cell(name: str, labels: dict, cfg: ConfigDict, workdir: str, ev: dict) -
             return {**json.load(f), "status": "cached"}
     status = "evaluated"
     if not _trained(workdir, steps):
-        train(cfg, workdir)
+        out = train(cfg, workdir)
+        if out.get("preempted"):
+            raise InterruptedError(f"{name}: stopped at step {out['step']} (SIGTERM); "
+                                   "run the grid again to resume")
         status = "trained"
     r = evaluate(workdir, max_bytes=ev.get("max_bytes", 0), tasks=ev.get("tasks", ""),
                  batch_size=ev.get("batch_size", 8))

@@ -62,6 +62,9 @@ def main(argv=None) -> None:
             ex.run_grid(grid, args.root, overrides)
         except (TypeError, ValueError) as e:
             _fail(str(e))
+        except InterruptedError as e:
+            print(f"stopped: {e}", file=sys.stderr)
+            sys.exit(1)
         with open(os.path.join(args.root, "results.md")) as f:
             print(f.read(), end="")
         print(f"wrote {args.root}/results.md, results.csv, results.json, ablation.png")
