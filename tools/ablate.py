@@ -1,7 +1,8 @@
 """Run an ablation grid: one training run per cell, then a results table and plots.
 
     python tools/ablate.py --grid=configs/ablations/choices.py[:ARG] --root=runs/ablate \
-        [--only=model.pos_encoding=rope,alibi] [--set=train.steps=150] [--dry_run]
+        [--only=model.pos_encoding=rope,alibi] [--set=train.steps=150] [--eval_bytes=N] \
+        [--dry_run]
 
 Cells already finished (final checkpoint, final eval row and ROOT/<cell>/ablation.json)
 are not rerun. Writes ROOT/results.md, results.csv, results.json and ablation.png. The
@@ -47,6 +48,8 @@ def main(argv=None) -> None:
                    help="AXIS=label1,label2: run only these values of an axis (repeatable)")
     p.add_argument("--set", action="append", default=[],
                    help="KEY=VALUE: override a base config key for every cell (repeatable)")
+    p.add_argument("--eval_bytes", type=int, default=None,
+                   help="held-out bytes scored per cell (default: the grid's eval.max_bytes)")
     p.add_argument("--dry_run", action="store_true", help="list the cells and exit")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     with user_errors():
@@ -54,6 +57,10 @@ def main(argv=None) -> None:
         grid = ex.load_grid(args.grid)
         grid = ex.restrict(grid, {k: v.split(",") for k, v in _pairs(args.only, "--only").items()})
         overrides = {k: _value(v) for k, v in _pairs(args.set, "--set").items()}
+        if args.eval_bytes is not None:
+            if args.eval_bytes < 0:
+                _fail(f"--eval_bytes: must be >= 0, got {args.eval_bytes}")
+            grid["eval"]["max_bytes"] = args.eval_bytes
         if args.dry_run:
             for name, _, ov in ex.cells(grid):
                 print(name, json.dumps(ov))
