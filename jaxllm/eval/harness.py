@@ -15,6 +15,14 @@ Two task kinds, one JSON object per line (a file holds one kind; blank lines are
   `" " + last word`) followed by the last word; correct when every target token is the
   greedy argmax over the real vocabulary. LAMBADA's `text` field converts directly.
 
+Built-in tasks (`--tasks=builtin`, jaxllm/eval/tasks/, written for this project to fit a
+model trained on the Python standard library, the embedded corpus): `python_syntax_mc`
+(40 items: which continuation of a stdlib-style line is well-formed Python, e.g.
+`import os\nimport` -> `sys` vs `9sys`; 2-4 choices, labels rotated, chance 0.25) and
+`python_last_word` (30 snippets whose last word follows from the code, e.g.
+`self.name = name`). They are smoke tests of the pipeline and of early learning, not
+benchmarks.
+
 Context and continuation are encoded separately (so the continuation's tokens do not
 depend on the context) and joined after the document-start EOS; a context longer than the
 model's `seq_len` keeps its last tokens; an item whose continuation alone is longer is
