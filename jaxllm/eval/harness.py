@@ -18,7 +18,7 @@ Two task kinds, one JSON object per line (a file holds one kind; blank lines are
 Built-in tasks (`--tasks=builtin`, jaxllm/eval/tasks/, written for this project to fit a
 model trained on the Python standard library, the embedded corpus): `python_syntax_mc`
 (40 items: which continuation of a stdlib-style line is well-formed Python, e.g.
-`import os\nimport` -> `sys` vs `9sys`; 2-4 choices, labels rotated, chance 0.25) and
+`import os\nimport` -> `sys` vs `9sys`; 4 choices, labels rotated, chance 0.25) and
 `python_last_word` (30 snippets whose last word follows from the code, e.g.
 `self.name = name`). They are smoke tests of the pipeline and of early learning, not
 benchmarks.
