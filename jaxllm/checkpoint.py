@@ -1,25 +1,58 @@
 """Orbax checkpoints: train state + data-iterator state + resolved config, one step a folder.
 
-Saves are asynchronous; a step counts only once Orbax has finalized it (unfinished saves
-live in temporary folders and are never listed). Restoring walks from the newest step
-down: a torn or corrupt step is reported and skipped, never deleted, and a run never
-silently restarts from step 0 while any checkpoint exists.
+Layout: `DIR/<step>/{state, data_iter, meta}` (Orbax CheckpointManager items): `state` is the
+train state (params, optimizer state, step, RNG, step-guard window) as sharded arrays,
+`data_iter` the grain iterator state (one JSON per process), `meta` a JSON dict with the
+resolved config and the data position (`process_count`, `global_batch`, `samples_seen`).
+`DIR` may be any path Orbax/etils supports (local, gs://...).
+
+- Saves are asynchronous (`checkpoint.async_save`): the call returns once the arrays are
+  copied off the device; a step counts only once Orbax has finalized it (unfinished saves
+  live in `<step>.orbax-checkpoint-tmp-*` folders and are never listed or restored).
+- Retention: the newest `checkpoint.keep` steps, plus every `checkpoint.permanent_every`-th
+  step forever.
+- Restoring walks from the newest step down: an unreadable step (a file missing or
+  truncated) is reported with a warning and the previous one is tried. Once an older step
+  restores, the unreadable newer ones are moved to `DIR/corrupt/<step>-<time>` (never
+  deleted), so they can neither collide with the step numbers the run writes next nor
+  count among the newest `keep` (which would let Orbax garbage-collect good steps). When
+  no step restores, `CheckpointError` is raised and nothing is moved or written.
+- The restore target carries the shardings of the current mesh, so a checkpoint restores
+  onto any mesh shape or device count.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
+import time
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from jaxllm.config import ConfigError
 
 log = logging.getLogger("jaxllm")
 
 
-class CheckpointError(RuntimeError):
-    """No checkpoint in the directory could be restored."""
+class CheckpointError(ConfigError):
+    """No checkpoint in the directory could be restored (CLI: `error: ...`, exit 2)."""
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: dict
+    meta: dict
+    data_restored: bool  # the iterator state was restored (else: the caller repositions)
+    bad_steps: list  # [(step, reason, moved_to)] newer steps that could not be read
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
 class Checkpointer:
@@ -35,40 +68,73 @@ class Checkpointer:
         self.directory = epath.Path(directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data_iter", "meta"))
+        self.last_saved = None
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, data_iter, meta: dict, force: bool = True) -> None:
+    def save(self, step: int, state, data_iter, meta: dict) -> bool:
+        """Start saving `step` (async); False when this step is already saved."""
+        if step == self.last_saved or step in self.manager.all_steps():
+            return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data_iter=grain.checkpoint.CheckpointSave(data_iter),
             meta=ocp.args.JsonSave(meta))
-        self.manager.save(step, args=args, force=force)
-
-    def restore(self, abstract_state, data_iter, step: int | None = None):
-        """Restore the newest good step (or `step`); returns (step, state, meta)."""
-        candidates = [step] if step is not None else list(reversed(self.steps()))
-        errors = []
-        for s in candidates:
-            try:
-                out = self.manager.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data_iter=grain.checkpoint.CheckpointRestore(data_iter),
-                    meta=ocp.args.JsonRestore()))
-                return s, out["state"], dict(out["meta"])
-            except Exception as e:  # a torn step: report it, fall back to the previous one
-                msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                log.warning("checkpoint step %d in %s is unreadable (%s); trying an older one",
-                            s, self.directory, msg)
-                errors.append((s, msg))
-        raise CheckpointError(
-            f"no checkpoint in {self.directory} could be restored: "
-            + "; ".join(f"step {s}: {m}" for s, m in errors))
+        self.manager.save(step, args=args, force=True)
+        self.last_saved = step
+        return True
 
     def read_meta(self, step: int) -> dict:
-        path = self.directory / str(step) / "meta" / "metadata"
-        return json.loads(path.read_text())
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def restore(self, abstract_state, data_iter, data_ok=lambda meta: True) -> Restored:
+        """Restore the newest readable step. The iterator state is restored into `data_iter`
+        only where `data_ok(meta)` (same data layout); otherwise the caller repositions it."""
+        bad = []
+        for s in reversed(self.steps()):
+            try:
+                meta = self.read_meta(s)
+                use_data = bool(data_ok(meta))
+                items = {"state": ocp.args.StandardRestore(abstract_state)}
+                if use_data:
+                    items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+                out = self.manager.restore(s, args=ocp.args.Composite(**items))
+            except Exception as e:  # noqa: BLE001 - a torn step: warn, try the previous one
+                log.warning("checkpoint step %d in %s is unreadable (%s); trying an older one",
+                            s, self.directory, _reason(e))
+                bad.append((s, _reason(e)))
+                continue
+            moved = self._quarantine([b for b, _ in bad]) if bad else {}
+            return Restored(s, out["state"], meta, use_data,
+                            [(b, r, moved.get(b)) for b, r in bad])
+        raise CheckpointError(
+            f"{self.directory}: no checkpoint could be restored ("
+            + "; ".join(f"step {s}: {m}" for s, m in bad) + "); nothing was changed. Move "
+            "the checkpoints away to start from scratch, or use another --workdir")
+
+    def _quarantine(self, steps: list[int]) -> dict:
+        """Move unreadable steps to DIR/corrupt/ (process 0), out of Orbax's view."""
+        moved = {}
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for s in steps:
+            dest = self.directory / "corrupt" / f"{s}-{stamp}"
+            moved[s] = str(dest)
+            if jax.process_index() == 0:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    (self.directory / str(s)).rename(dest)
+                except OSError as e:
+                    raise CheckpointError(
+                        f"{self.directory / str(s)}: unreadable checkpoint could not be moved "
+                        f"aside ({e}); move or delete it by hand, then rerun") from None
+                log.warning("moved unreadable checkpoint step %d to %s", s, dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("jaxllm_checkpoint_quarantine")
+        self.manager.reload()
+        return moved
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

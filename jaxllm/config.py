@@ -14,7 +14,7 @@ import math
 from ml_collections import ConfigDict, config_dict
 
 POS_ENCODINGS = ("rope", "alibi", "learned", "none")
-ACTIVATIONS = ("relu", "gelu", "swish", "glu", "reglu", "geglu", "swiglu")
+ACTIVATIONS = ("relu", "gelu", "gelu_exact", "swish", "glu", "reglu", "geglu", "swiglu")
 GATED = {"glu": "sigmoid", "reglu": "relu", "geglu": "gelu", "swiglu": "swish"}
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -56,7 +56,8 @@ def defaults() -> ConfigDict:
     m.pos_encoding = "rope"  # rope | alibi | learned | none
     m.rope_base = 10000.0  # RoPE theta base (half-split layout, GPT-NeoX style)
     m.max_position = 0  # learned position table size; 0 = data.seq_len
-    m.activation = "gelu"  # relu | gelu | swish | glu | reglu | geglu | swiglu
+    # gelu is the tanh approximation (GPT-2 gelu_new); gelu_exact the erf form (MPT)
+    m.activation = "gelu"  # relu | gelu | gelu_exact | swish | glu | reglu | geglu | swiglu
     m.norm = "layernorm"  # layernorm | rmsnorm
     m.norm_eps = 1e-5  # epsilon of every norm
     m.use_bias = True  # biases in linear layers and LayerNorm
@@ -98,9 +99,9 @@ def defaults() -> ConfigDict:
     t.eval_batches = 8  # eval batches (of batch_size sequences) per evaluation
     t.loss_chunk = 0  # tokens per logits chunk along the sequence; 0 = whole sequence
     t.z_loss = 0.0  # coefficient of the log(Z)^2 auxiliary loss; 0 = off
-    t.max_skips = 5  # stop after this many consecutive non-finite steps
+    t.max_skips = 5  # stop (exit 3) after this many consecutive skipped steps
     t.spike_sigmas = 0.0  # skip steps whose loss exceeds mean + k*std of a window; 0 = off
-    t.spike_window = 100  # window of the spike guard
+    t.spike_window = 100  # accepted losses in the spike window (fixed for a run)
     t.sample_tokens = 200  # bytes/tokens generated at the end of training; 0 = none
     t.sample_prompt = "def "  # prompt of the end-of-training sample
     t.profile = False  # write a jax.profiler trace of a few steps to WORKDIR/profile

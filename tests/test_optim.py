@@ -474,8 +474,10 @@ def test_adam8bit_tracks_float32_adam():
 
 
 def gpt2_124m_shapes():
-    f = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
-    ln = lambda: {"scale": f(768), "bias": f(768)}
+    def f(*s):
+        return jax.ShapeDtypeStruct(s, jnp.float32)
+    def ln():
+        return {"scale": f(768), "bias": f(768)}
     params = {"wte": {"embedding": f(50304, 768)}, "wpe": {"embedding": f(1024, 768)},
               "ln_f": ln()}
     for i in range(12):

@@ -70,7 +70,8 @@ class Norm(nnx.Module):
 
 ACT = {
     "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),  # tanh approximation (GPT-2 gelu_new)
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),  # erf form (MPT, BERT)
     "swish": jax.nn.silu,
     "sigmoid": jax.nn.sigmoid,
 }

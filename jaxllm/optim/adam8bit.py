@@ -133,7 +133,8 @@ def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                       block_size: int = 256, min_8bit_size: int = 4096
                       ) -> optax.GradientTransformation:
     """Adam's update direction (no learning rate) with 8-bit block-wise quantized moments."""
-    blk = lambda shape: block_for(shape, block_size, min_8bit_size)
+    def blk(shape):
+        return block_for(shape, block_size, min_8bit_size)
 
     def init(params):
         def moment(p, zero_code):
@@ -184,7 +185,8 @@ def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                       for f, x in zip(state[1:], (mus, mu_ams, nus, nu_ams), strict=True)]
         new_state = Adam8bitState(count, *new_fields)
         finite = all_finite(updates)
-        keep = lambda new, old: jnp.where(finite, new, old)
+        def keep(new, old):
+            return jnp.where(finite, new, old)
         new_state = jax.tree.map(keep, new_state, state)
         outs = [jnp.where(finite, u, jnp.zeros_like(u)) for u in outs]
         return jax.tree.unflatten(g_def, outs), new_state

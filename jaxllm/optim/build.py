@@ -62,7 +62,8 @@ def resolved_hparams(cfg) -> dict:
     o = cfg.optim
     name = _name(o)
     d = _DEFAULTS[name]
-    pick = lambda key: d[key] if o.get(key) is None else float(o.get(key))
+    def pick(key):
+        return d[key] if o.get(key) is None else float(o.get(key))
     out = {"name": name, "lr": pick("lr"), "weight_decay": pick("weight_decay"),
            "schedule": o.schedule, "warmup_steps": int(o.warmup_steps),
            "min_lr_ratio": float(o.min_lr_ratio), "steps": int(cfg.train.steps),
@@ -155,7 +156,8 @@ def build_optimizer(cfg) -> optax.GradientTransformationExtraArgs:
     """
     hp = resolved_hparams(cfg)
     name, lr, wd = hp["name"], lr_schedule(cfg), hp["weight_decay"]
-    mask = lambda params: decay_mask(params, hp["decay_embeddings"])
+    def mask(params):
+        return decay_mask(params, hp["decay_embeddings"])
     if name == "adamw":
         opt = optax.adamw(lr, hp["b1"], hp["b2"], hp["eps"], weight_decay=wd, mask=mask)
     elif name == "lion":

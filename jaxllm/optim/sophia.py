@@ -63,7 +63,8 @@ def scale_by_sophia(b1: float = 0.965, b2: float = 0.99, eps: float = 1e-12,
     """
 
     def init(params):
-        zeros = lambda p: jnp.zeros(p.shape, jnp.float32)
+        def zeros(p):
+            return jnp.zeros(p.shape, jnp.float32)
         return SophiaState(jnp.zeros((), jnp.int32), jax.tree.map(zeros, params),
                            jax.tree.map(zeros, params), jnp.zeros((), jnp.float32))
 

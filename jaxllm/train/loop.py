@@ -1,29 +1,41 @@
-"""The training loop: resume, step, log, evaluate, checkpoint, stop cleanly on SIGTERM."""
+"""The training loop: resume, step, log, evaluate, checkpoint, stop cleanly on SIGTERM.
+
+Fault tolerance lives beside it: `resume.py` (compatibility, restore-or-init, data
+position), `guard.py` (skipped steps, spike guard, divergence stop), `preempt.py` (signals,
+exit status) and `jaxllm/checkpoint.py` (Orbax, torn checkpoints).
+Metrics are read one step behind (no device stall); everything a resumed run needs to
+reproduce an uninterrupted one (params, optimizer state, RNG, guard window, data iterator,
+sample count) is in the checkpoint, and eval/log/checkpoint cadences are functions of the
+step number, so a stopped and resumed run writes the same rows (only times differ).
+"""
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import os
-import signal
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from jaxllm import optim, parallel
 from jaxllm.checkpoint import Checkpointer
-from jaxllm.config import SHAPE_KEYS, ConfigError, padded_vocab, validate
+from jaxllm.config import ConfigError, padded_vocab, validate
 from jaxllm.data.pipeline import make_pipeline
 from jaxllm.data.tokenizers import load_tokenizer
 from jaxllm.eval.sample import generate
 from jaxllm.train import metrics as M
-from jaxllm.train.state import abstract_state, init_state
-from jaxllm.train.step import bits_per_byte, make_eval_step, make_train_step
+from jaxllm.train import resume
+from jaxllm.train.guard import GUARD_KEYS, SkipTracker, TrainingDiverged
+from jaxllm.train.preempt import Preemption
+from jaxllm.train.resume import check_compatible
+from jaxllm.train.prefetch import DevicePrefetch
+from jaxllm.train.step import bits_per_byte, jit_train_step, make_eval_step
 
 log = logging.getLogger("jaxllm")
 
@@ -45,27 +57,6 @@ def resolve(cfg):
     return tokenizer
 
 
-def check_compatible(cfg, workdir: str) -> None:
-    """Refuse to resume a workdir whose saved config has other parameter shapes."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable saved config ({e})") from None
-    bad = []
-    for key in SHAPE_KEYS:
-        sec, name = key.split(".")
-        old = saved.get(sec, {}).get(name)
-        if old is not None and old != cfg[sec][name]:
-            bad.append(f"{key} (saved {old!r}, now {cfg[sec][name]!r})")
-    if bad:
-        raise ConfigError(f"{workdir}: config incompatible with its checkpoints: "
-                          + ", ".join(bad) + "; use a new --workdir or restore the values")
-
-
 def eval_batches(cfg, tokenizer) -> list:
     """The fixed held-out batches every evaluation of a run uses (this process's slice)."""
     it = make_pipeline(cfg, tokenizer, "eval", jax.process_index(), jax.process_count())
@@ -83,43 +74,53 @@ def _eval(eval_fn, params, batches, mesh):
             "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tot["tokens"]}
 
 
-class _Stop:
-    """SIGTERM/SIGINT -> finish the current step, save, exit."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM,)}
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        for s, h in self._old.items():
-            signal.signal(s, h)
+def _abs(workdir) -> epath.Path:
+    """The workdir as an epath: local paths made absolute, gs:// and the like kept."""
+    return epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
 
 
-def train(cfg, workdir: str) -> dict:
-    """Train per `cfg` in `workdir`, resuming from its newest good checkpoint."""
+def _with_seed(cfg, seed: int):
+    c = cfg.copy_and_resolve_references()
+    c.train.seed = seed
+    return c
+
+
+def train(cfg, workdir: str, *, nan_steps=()) -> dict:
+    """Train per `cfg` in `workdir`, resuming from its newest good checkpoint.
+
+    Returns the last train row (plus `eval`, `sample`); with `preempted` and `exit_status`
+    when a signal stopped it. Raises TrainingDiverged after train.max_skips consecutive
+    skipped steps, CheckpointError when checkpoints exist but none restores.
+    `nan_steps` is a testing hook (see `make_train_step`)."""
     parallel.init_distributed(cfg)
     tokenizer = resolve(cfg)
     mesh = parallel.make_mesh(cfg)
     lead = jax.process_index() == 0
-    check_compatible(cfg, workdir)
-    os.makedirs(workdir, exist_ok=True)
+    wd = _abs(workdir)
+    check_compatible(cfg, wd)
+    wd.mkdir(parents=True, exist_ok=True)
     tx = optim.build_optimizer(cfg)
-    ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), cfg)
-    train_it = make_pipeline(cfg, tokenizer, "train", jax.process_index(), jax.process_count())
-    model_def, abstract, shardings = abstract_state(cfg, mesh, tx)
-    restored_from = None
-    if ckpt.steps():
-        with parallel.activate(cfg, mesh):
-            restored_from, state, _ = ckpt.restore(abstract, train_it)
-    else:
-        model_def, state, shardings = init_state(cfg, mesh, tx)
+    stop = Preemption(check_every=cfg.train.log_every)
+    ckpt = Checkpointer(wd / "checkpoints", cfg)
+    try:
+        return _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, tuple(nan_steps))
+    finally:
+        stop.restore()
+        ckpt.close()
+
+
+def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, nan_steps) -> dict:
+    def make_iter(seed):
+        c = cfg if seed == cfg.train.seed else _with_seed(cfg, seed)
+        host = make_pipeline(c, tokenizer, "train", jax.process_index(), jax.process_count())
+        # device batches: the next one is transferred while the current step runs
+        return DevicePrefetch(host, lambda local: parallel.global_batch(local, mesh))
+
+    model_def, state, shardings, train_it, restored_from, samples, events = resume.start(
+        cfg, mesh, tx, ckpt, make_iter)
     if lead:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=2))
-    writer = M.MetricsWriter(workdir, cfg, enabled=lead)
+        (wd / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    writer = M.MetricsWriter(str(wd), cfg, enabled=lead)
     n_params = M.param_count(state["params"])
     n_no_pos = M.param_count(state["params"], exclude_positions=True)
     fpt = M.flops_per_token(n_no_pos, cfg.model.n_layers, cfg.model.d_model, cfg.data.seq_len)
@@ -130,87 +131,89 @@ def train(cfg, workdir: str) -> dict:
                   "devices": jax.device_count(), "processes": jax.process_count(),
                   "mesh": dict(mesh.shape), "device_kind": jax.devices()[0].device_kind,
                   "flops_per_token": fpt, "resumed_from": restored_from})
-    if restored_from is not None:
-        writer.write({"event": "restored", "step": restored_from})
+    for ev in events:
+        writer.write(ev)
 
     batch_sh = parallel.batch_sharding(mesh)
     with parallel.activate(cfg, mesh):
-        step_fn = jax.jit(make_train_step(cfg, model_def, tx), donate_argnums=0,
-                          in_shardings=(shardings, batch_sh), out_shardings=(shardings, None))
+        step_fn = jit_train_step(cfg, model_def, tx, shardings, mesh, nan_steps=nan_steps)
         eval_fn = jax.jit(make_eval_step(cfg, model_def),
                           in_shardings=(shardings["params"], batch_sh))
     held_out = eval_batches(cfg, tokenizer)
-    stop = _Stop()
-    total, tok_per_step = cfg.train.steps, cfg.train.batch_size * cfg.data.seq_len
+    total, gb, seq = cfg.train.steps, cfg.train.batch_size, cfg.data.seq_len
     bar = tqdm(total=total, initial=step0, disable=not (lead and cfg.log.progress),
                desc="train", unit="step", dynamic_ncols=True)
     last = {"step": step0}
-    skips, window_t, window_n, pending = 0, time.perf_counter(), 0, None
+    track = SkipTracker(cfg, writer.write)
+    window_t, window_n, pending = time.perf_counter(), 0, None
 
     def flush(pending):
-        """Read the previous step's scalars (one step behind: no stall of the device)."""
-        nonlocal skips
+        """Read a step's scalars one step late (no device stall); skip events, stop."""
         step, m = pending
         m = {k: float(v) for k, v in jax.device_get(m).items()}
-        if not m["finite"]:
-            skips += 1
-            writer.write({"event": "skipped_step", "step": step, "loss": m["loss"],
-                          "grad_norm": m["grad_norm"], "consecutive": skips})
-            if skips >= cfg.train.max_skips:
-                raise FloatingPointError(
-                    f"{skips} consecutive non-finite steps (last at step {step}); stopping. "
-                    "Lower optim.lr, raise optim.warmup_steps or check the data")
-        else:
-            skips = 0
-        return step, m
+        track(step, m)
+        return m
 
-    with parallel.activate(cfg, mesh):
-        step = step0
-        while step < total and not stop.requested:
-            batch = parallel.global_batch(next(train_it), mesh)
-            state, m = step_fn(state, batch)
-            step += 1
-            window_n += 1
+    def save(step, state):
+        t = time.perf_counter()
+        meta = {"config": cfg.to_json_best_effort(), **resume.data_meta(cfg, samples)}
+        if ckpt.save(step, state, train_it, meta):
+            writer.write({"event": "checkpoint", "step": step,
+                          "save_s": time.perf_counter() - t})
+
+    step, preempted = step0, False
+    try:
+        with parallel.activate(cfg, mesh):
+            while step < total:
+                state, m = step_fn(state, next(train_it))
+                if step == step0:  # the first call compiled synchronously: not in tokens/s
+                    window_t = time.perf_counter()
+                step, samples, window_n = step + 1, samples + gb, window_n + 1
+                if pending is not None:
+                    flush(pending)
+                pending = (step, m)
+                if step % cfg.train.log_every == 0 or step == total:
+                    mv, pending = flush(pending), None
+                    tps = window_n * gb * seq / (time.perf_counter() - window_t)
+                    row = {"split": "train", "step": step, "loss": mv["loss"], "lr": mv["lr"],
+                           "grad_norm": mv["grad_norm"], "tokens_per_s": tps,
+                           "tokens_per_s_per_device": tps / jax.device_count(),
+                           "mfu": M.mfu(tps / jax.device_count(), fpt, peak),
+                           "tokens_seen": samples * seq,
+                           **{k: v for k, v in mv.items() if k not in GUARD_KEYS
+                              and k not in ("loss", "lr", "grad_norm", "tokens")}}
+                    writer.write(row)
+                    last.update(row)
+                    bar.set_postfix(loss=f"{mv['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                    window_t, window_n = time.perf_counter(), 0
+                bar.update(1)
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
+                    ev = _eval(eval_fn, state["params"], held_out, mesh)
+                    writer.write({"split": "eval", "step": step, **ev})
+                    bar.write(f"step {step}: eval loss {ev['loss']:.4f}  bpb {ev['bpb']:.4f}")
+                    window_t = time.perf_counter()
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != total:
+                    save(step, state)
+                if stop.should_stop(step):
+                    preempted = True
+                    break
             if pending is not None:
                 flush(pending)
-            pending = (step, m)
-            if step % cfg.train.log_every == 0 or step == total:
-                _, mv = flush(pending)
-                pending = None
-                now = time.perf_counter()
-                tps = window_n * tok_per_step / (now - window_t)
-                row = {"split": "train", "step": step, "loss": mv["loss"], "lr": mv["lr"],
-                       "grad_norm": mv["grad_norm"], "tokens_per_s": tps,
-                       "tokens_per_s_per_device": tps / jax.device_count(),
-                       "mfu": M.mfu(tps / jax.device_count(), fpt, peak),
-                       "tokens_seen": step * tok_per_step,
-                       **{k: v for k, v in mv.items()
-                          if k not in ("loss", "lr", "grad_norm", "finite", "tokens")}}
-                writer.write(row)
-                last.update(row)
-                bar.set_postfix(loss=f"{mv['loss']:.3f}", tok_s=f"{tps:,.0f}")
-                window_t, window_n = time.perf_counter(), 0
-            bar.update(1)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
-                ev = _eval(eval_fn, state["params"], held_out, mesh)
-                writer.write({"split": "eval", "step": step, **ev})
-                bar.write(f"step {step}: eval loss {ev['loss']:.4f}  bpb {ev['bpb']:.4f}")
-                window_t = time.perf_counter()
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != total:
-                ckpt.save(step, state, train_it, {"config": cfg.to_json_best_effort()})
-                writer.write({"event": "checkpoint", "step": step})
-        if pending is not None:
-            flush(pending)
+    except TrainingDiverged as e:
         bar.close()
-        stop.restore()
-        if step > step0 or restored_from is None:
-            ckpt.save(step, state, train_it, {"config": cfg.to_json_best_effort()})
-            writer.write({"event": "checkpoint", "step": step})
-        if stop.requested:
-            writer.write({"event": "preempted", "step": step})
-            ckpt.close()
-            writer.close()
-            return {"step": step, "preempted": True}
+        writer.write({"event": "diverged", "step": step, "message": str(e)})
+        writer.close()
+        raise
+    bar.close()
+    if step > step0:
+        save(step, state)
+    if preempted:
+        ckpt.wait()
+        writer.write({"event": "preempted", "step": step, "signal": stop.signum,
+                      "exit_status": stop.exit_status})
+        writer.close()
+        return {**last, "step": step, "preempted": True, "exit_status": stop.exit_status}
+    with parallel.activate(cfg, mesh):
         ev = _eval(eval_fn, state["params"], held_out, mesh)
         writer.write({"split": "eval", "step": step, **ev})
         last["eval"] = ev
@@ -225,7 +228,6 @@ def train(cfg, workdir: str) -> dict:
             last["sample"] = cfg.train.sample_prompt + text
             if lead:
                 print("--- sample ---\n" + last["sample"] + "\n--------------", flush=True)
-    ckpt.close()
     writer.close()
     last["step"] = step
     return last

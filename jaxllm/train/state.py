@@ -1,4 +1,5 @@
-"""Train state: parameters (a pure dict), optimizer state, step and RNG, created sharded.
+"""Train state: parameters (a pure dict), optimizer state, step, RNG and the step guard's
+window (`train/guard.py`), created sharded.
 
 `init_state` builds the model abstractly (`nnx.eval_shape`), derives every leaf's
 NamedSharding from its logical axis names, and runs the initializer under `jax.jit` with
@@ -16,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxllm import parallel
 from jaxllm.model.transformer import Transformer
+from jaxllm.train import guard
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -76,16 +78,18 @@ def abstract_state(cfg, mesh, tx):
     p_sh = param_shardings(cfg, mesh, abstract)
     o_sh, abstract_opt = opt_shardings(tx, abstract_pure, p_sh, mesh)
     rep = parallel.replicated(mesh)
-    shardings = {"step": rep, "params": p_sh, "opt_state": o_sh, "rng": rep}
+    shardings = {"step": rep, "params": p_sh, "opt_state": o_sh, "rng": rep,
+                 "guard": {k: rep for k in guard.shapes(cfg)}}
     tree = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_pure,
-            "opt_state": abstract_opt, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+            "opt_state": abstract_opt, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+            "guard": {k: jax.ShapeDtypeStruct(*v) for k, v in guard.shapes(cfg).items()}}
     tree = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         tree, shardings)
     return ModelDef(graphdef, cfg), tree, shardings
 
 
 def init_state(cfg, mesh, tx):
-    """A fresh train state {step, params, opt_state, rng}, created sharded."""
+    """A fresh train state {step, params, opt_state, rng, guard}, created sharded."""
     model_def, _, shardings = abstract_state(cfg, mesh, tx)
 
     def init():
@@ -93,7 +97,8 @@ def init_state(cfg, mesh, tx):
         params = nnx.to_pure_dict(nnx.split(model)[1])
         return {"step": jnp.zeros((), jnp.int32), "params": params,
                 "opt_state": tx.init(params),
-                "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1))}
+                "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
+                "guard": guard.init(cfg)}
 
     with parallel.activate(cfg, mesh):
         state = jax.jit(init, out_shardings=shardings)()

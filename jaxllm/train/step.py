@@ -4,8 +4,8 @@ The loss is the token-weighted mean cross-entropy over non-padding targets (opti
 plus z-loss). Logits are produced in chunks along the sequence under `jax.checkpoint`, so
 full-vocabulary float32 logits for all tokens never sit in memory at once. Gradient
 accumulation scans over micro-batches and normalises by the token count of the whole
-batch, so it equals the single-batch step. A non-finite loss or gradient skips the update
-(parameters and optimizer state unchanged) and reports `finite = 0`.
+batch, so it equals the single-batch step. A non-finite loss or gradient, or a loss spike,
+skips the update (parameters and optimizer state unchanged; `train/guard.py`).
 """
 
 from __future__ import annotations
@@ -16,13 +16,25 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxllm import optim
+from jaxllm import optim, parallel
+from jaxllm.train import guard
+
+
+def chunk_size(t: int, chunk: int) -> int:
+    """Tokens per logits chunk: the largest divisor of `t` not above `chunk` (0 = all of t)."""
+    if not chunk or chunk >= t:
+        return t
+    return max(c for c in range(1, chunk + 1) if t % c == 0)
 
 
 def token_nll(model, h, targets, weights, chunk: int):
-    """Sums over tokens: (nll, z^2) and per-token nll, computing logits chunk by chunk."""
+    """Sums over tokens: (nll, z^2) and per-token nll, computing logits chunk by chunk.
+
+    Chunks run one after another (`lax.map`) under `jax.checkpoint`, so the backward pass
+    recomputes each chunk's logits instead of keeping [B, T, vocab] float32 for all tokens.
+    """
     b, t, d = h.shape
-    chunk = t if not chunk or chunk >= t or t % chunk else chunk
+    chunk = chunk_size(t, chunk)
     n = t // chunk
 
     @jax.checkpoint
@@ -48,7 +60,9 @@ def forward_sums(model_def, params, batch, chunk):
     return nll_sum, z_sum, nll, weights
 
 
-def make_train_step(cfg, model_def, tx):
+def make_train_step(cfg, model_def, tx, *, nan_steps=()):
+    """The pure train step. `nan_steps` (a testing hook, not a config key): reported step
+    numbers (1-based, as in metrics.jsonl) whose gradients are replaced by NaN."""
     z_coef, accum, chunk = cfg.train.z_loss, cfg.train.grad_accum, cfg.train.loss_chunk
     schedule = optim.lr_schedule(cfg)
 
@@ -76,22 +90,35 @@ def make_train_step(cfg, model_def, tx):
             zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
             (nll_sum, grads), _ = jax.lax.scan(acc, zero, micro)
         loss = nll_sum / n_tokens
+        if nan_steps:
+            hit = jnp.isin(state["step"] + 1, jnp.asarray(nan_steps, jnp.int32))
+            grads = jax.tree.map(lambda g: jnp.where(hit, jnp.nan, g), grads)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        accept, flags, new_guard = guard.decide(cfg, state["guard"], loss, grad_norm)
         rng, sub = jax.random.split(jax.random.wrap_key_data(state["rng"]))
         extra = optim.hessian_extra_args(cfg, state["step"], model_fn, params, batch, sub)
         updates, new_opt = tx.update(grads, opt_state, params, **extra)
         new_params = optax.apply_updates(params, updates)
         def keep(new, old):
-            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            return jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
         new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
-                     "opt_state": keep(new_opt, opt_state), "rng": jax.random.key_data(rng)}
+                     "opt_state": keep(new_opt, opt_state), "rng": jax.random.key_data(rng),
+                     "guard": new_guard}
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
-                   "finite": finite.astype(jnp.int32), "tokens": n_tokens,
+                   "tokens": n_tokens, "finite": 1 - flags["nonfinite"], **flags,
                    **optim.optimizer_metrics(new_opt)}
         return new_state, metrics
 
     return train_step
+
+
+def jit_train_step(cfg, model_def, tx, shardings, mesh, *, nan_steps=()):
+    """The train step under `jax.jit` with explicit shardings and the state donated (its
+    buffers are reused for the new state): the one construction the loop and the benchmark
+    share. Call (or lower) it under `parallel.activate(cfg, mesh)`."""
+    return jax.jit(make_train_step(cfg, model_def, tx, nan_steps=nan_steps), donate_argnums=0,
+                   in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                   out_shardings=(shardings, None))
 
 
 def make_eval_step(cfg, model_def):

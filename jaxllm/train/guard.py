@@ -1,0 +1,84 @@
+"""Step guards: skip non-finite and loss-spike updates inside the jitted step.
+
+A step whose loss or gradient norm is not finite, or (with `train.spike_sigmas` k > 0)
+whose loss exceeds mean + k·std of the last `train.spike_window` accepted losses, is
+skipped: the train step keeps the old parameters and optimizer state (`jnp.where` on the
+`accept` flag), so a skipped update is never applied. The window lives in the train state
+(`state["guard"]`: a ring of accepted losses, the accepted count and the consecutive-skip
+count), so skipped losses never enter its statistics and a resumed run continues with the
+same window. The spike test is active once the window is full (like the loss-spike
+skipping of PaLM, Chowdhery et al. 2022, §5.1, but automatic).
+
+On the host, `SkipTracker` turns each step's flags into `skipped_step` events and stops the
+run with `TrainingDiverged` (exit status 3) after `train.max_skips` consecutive skips.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+EXIT_DIVERGED = 3  # CLI exit status after train.max_skips consecutive skipped steps
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive skipped (non-finite or spiking) steps."""
+
+    exit_status = EXIT_DIVERGED
+
+
+def init(cfg) -> dict:
+    """The guard part of a fresh train state."""
+    return {"losses": jnp.zeros((cfg.train.spike_window,), jnp.float32),
+            "accepted": jnp.zeros((), jnp.int32), "skips": jnp.zeros((), jnp.int32)}
+
+
+def shapes(cfg) -> dict:
+    """(shape, dtype) of each guard leaf, for the abstract restore target."""
+    return {"losses": ((cfg.train.spike_window,), jnp.float32),
+            "accepted": ((), jnp.int32), "skips": ((), jnp.int32)}
+
+
+def decide(cfg, guard: dict, loss, grad_norm):
+    """Accept this step's update? Returns (accept, flags, new_guard); jit-safe.
+
+    flags: `nonfinite` and `spike` (int32 0/1) and `consecutive_skips` after this step.
+    """
+    k, window = cfg.train.spike_sigmas, cfg.train.spike_window
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    losses, accepted = guard["losses"], guard["accepted"]
+    spike = jnp.zeros((), bool)
+    if k > 0:
+        mean, std = losses.mean(), losses.std()
+        spike = finite & (accepted >= window) & (loss > mean + k * std)
+    accept = finite & ~spike
+    ring = losses.at[accepted % window].set(jnp.where(finite, loss, 0.0).astype(jnp.float32))
+    skips = jnp.where(accept, 0, guard["skips"] + 1)
+    new = {"losses": jnp.where(accept, ring, losses),
+           "accepted": accepted + accept.astype(jnp.int32), "skips": skips}
+    flags = {"nonfinite": (~finite).astype(jnp.int32), "spike": spike.astype(jnp.int32),
+             "consecutive_skips": skips}
+    return accept, flags, new
+
+
+GUARD_KEYS = ("nonfinite", "spike", "consecutive_skips", "finite")
+
+
+class SkipTracker:
+    """Host side: `skipped_step` events and the consecutive-skip stop (one step behind)."""
+
+    def __init__(self, cfg, write):
+        self.max_skips, self.write = cfg.train.max_skips, write
+
+    def __call__(self, step: int, m: dict) -> None:
+        if not (m.get("nonfinite") or m.get("spike")):
+            return
+        reason = "nonfinite" if m.get("nonfinite") else "spike"
+        n = int(m["consecutive_skips"])
+        self.write({"event": "skipped_step", "step": step, "reason": reason,
+                    "loss": m["loss"], "grad_norm": m["grad_norm"], "consecutive": n})
+        if n >= self.max_skips:
+            raise TrainingDiverged(
+                f"{n} consecutive skipped steps (last at step {step}, {reason}); stopping "
+                f"(train.max_skips={self.max_skips}). Parameters are those of the last "
+                "accepted step; no checkpoint is written for the stop. Lower optim.lr, raise "
+                "optim.warmup_steps or check the data, then rerun the same command")

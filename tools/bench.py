@@ -1,0 +1,108 @@
+"""Training-throughput benchmark (thin CLI over jaxllm.benchmark).
+
+    python tools/bench.py --out=bench/                      # 124m..1.3b x 1024..8192 x rope,alibi
+    python tools/bench.py --sizes=124m,350m --seq_lens=2048 --pos=alibi --batch=16
+    python tools/bench.py --compare_backends --sizes=124m   # xla vs cudnn vs flash attention
+    python tools/bench.py --preset=nanogpt                  # GPT-2 124M, T=1024, 16 seq/device
+    python tools/bench.py --tiny --out=/tmp/b               # seconds, on CPU (the test suite)
+    python tools/bench.py --config=configs/mpt_style.py --config.model.remat=dots ...
+
+Rows are medians over --steps timed steps after --warmup steps; the table, bench.json and
+bench.md (in --out) have the columns of MosaicML's llm-foundry throughput table.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from absl import flags
+from ml_collections import config_flags
+
+from jaxllm.cli import _fail, _unknown_key, parse_config, user_errors
+
+FLAGS = flags.FLAGS
+ROOT = Path(__file__).resolve().parents[1]
+flags.DEFINE_list("sizes", ["124m", "350m", "760m", "1.3b"],
+                  "model sizes: 124m, 350m, 760m, 1.3b, tiny or d<d>l<layers>h<heads>")
+flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192"], "sequence lengths")
+flags.DEFINE_list("pos", ["rope", "alibi"], "position encodings: rope, alibi, learned, none")
+flags.DEFINE_list("backends", [], "attention backends (auto, xla, cudnn, flash); "
+                  "default: the config's model.attention_backend")
+flags.DEFINE_bool("compare_backends", False, "time xla, cudnn and flash attention")
+flags.DEFINE_integer("batch", 0, "global batch in sequences (0: use --tokens_per_batch)")
+flags.DEFINE_integer("tokens_per_batch", 0,
+                     "global tokens per step, divided by each seq len (0: 16384 per device)")
+flags.DEFINE_integer("steps", 10, "timed steps (the median is reported)")
+flags.DEFINE_integer("warmup", 3, "untimed steps after compilation")
+flags.DEFINE_integer("vocab", 50304, "vocabulary size where the config leaves it 0")
+flags.DEFINE_string("out", "", "directory for bench.json and bench.md")
+flags.DEFINE_bool("tiny", False, "a tiny grid that runs on CPU in seconds (flags still win)")
+flags.DEFINE_enum("isolate", "auto", ["auto", "yes", "no"],
+                  "one subprocess per configuration (per-config peak memory, OOM as a row); "
+                  "auto = on accelerators")
+flags.DEFINE_enum("preset", "", ["", "nanogpt"],
+                  "nanogpt: GPT-2 124M, learned positions, T=1024, 16 sequences per device, "
+                  "printed beside the nanoGPT/JAX anchor of REFERENCE.md")
+
+
+def _ints(name):
+    try:
+        return [int(v) for v in FLAGS[name].value]
+    except ValueError:
+        _fail(f"--{name}: must be comma-separated integers, got {','.join(FLAGS[name].value)}")
+
+
+def main(argv=None):
+    argv = sys.argv if argv is None else argv
+    if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
+        print(__doc__ + "\n" + FLAGS.module_help(sys.modules[__name__]))
+        return
+    extra = [a for a in argv[1:] if not a.startswith("-")]
+    if extra:
+        _fail(f"unexpected arguments: {' '.join(extra)}")
+    try:  # defining it applies --config.KEY=VALUE overrides already
+        config_flags.DEFINE_config_file(
+            "config", str(ROOT / "configs" / "base.py"), "base config file "
+            "(configs/NAME.py[:ARG]); default: configs/base.py. --sizes, --seq_lens, --pos "
+            "and --backends override its fields", lock_config=True)
+    except (AttributeError, KeyError):
+        _fail(_unknown_key(argv))
+    base = parse_config(FLAGS, argv)  # flags and config under the error contract
+    with user_errors():
+        import jax
+
+        from jaxllm import benchmark as B
+
+        if FLAGS.isolate != "no":  # before JAX starts: children need the device memory
+            B.keep_parent_light()
+        opts = {"sizes": FLAGS.sizes, "seq_lens": _ints("seq_lens"), "pos": FLAGS.pos,
+                "batch": FLAGS.batch, "steps": FLAGS.steps, "warmup": FLAGS.warmup,
+                "vocab": FLAGS.vocab}
+        presets = {"tiny": B.TINY if FLAGS.tiny else {},
+                   "nanogpt": {"sizes": ["124m"], "seq_lens": [1024], "pos": ["learned"],
+                               "batch": 16 * jax.device_count()}}
+        for preset in (presets["tiny"], presets.get(FLAGS.preset, {})):
+            for k, v in preset.items():
+                if not FLAGS[k].present:
+                    opts[k] = v
+        backends = (["xla", "cudnn", "flash"] if FLAGS.compare_backends
+                    else FLAGS.backends or [base.model.attention_backend])
+        isolate = {"auto": None, "yes": True, "no": False}[FLAGS.isolate]
+        report = B.run(base, opts["sizes"], opts["seq_lens"], opts["pos"], backends,
+                       batch=opts["batch"], tokens_per_batch=FLAGS.tokens_per_batch,
+                       steps=opts["steps"], warmup=opts["warmup"], vocab=opts["vocab"],
+                       isolate=isolate, out_dir=FLAGS.out, echo=lambda s: print(s, flush=True))
+        print()
+        print(B.markdown(report), end="")
+        if FLAGS.preset == "nanogpt":
+            print("\nAnchor (REFERENCE.md): GPT-2 124M, T=1024, batch 16, bf16, one H200:")
+            for a in B.NANOGPT_ANCHOR:
+                print(f"  {a['system']}: {a['tokens_per_s_per_device']:,} tokens/s, "
+                      f"MFU {100 * a['mfu']:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
