@@ -295,3 +295,35 @@ def test_cli_sample(trained, capsys):
             main([f"--workdir={root / 'run'}", "--prompt=x", *args])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and msg in err, (args, err)
+
+
+def test_plot_runs_table_and_png(trained, tmp_path, capsys):
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+    import plot_runs
+    run_dir = trained[0] / "run"
+    # a resumed run logs a step twice: the last row wins; a torn line is skipped
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    train_rows = [r for r in rows if r.get("split") == "train"]
+    copy = tmp_path / "resumed"
+    copy.mkdir()
+    (copy / "config.json").write_text((run_dir / "config.json").read_text())
+    dup = dict(train_rows[-1], loss=0.123)
+    (copy / "metrics.jsonl").write_text("\n".join(lines + [json.dumps(dup), '{"split": "tr']))
+    png, md = tmp_path / "p.png", tmp_path / "p.md"
+    plot_runs.main([str(run_dir), str(copy), "--labels=a,b", f"--out={png}", f"--md={md}"])
+    table = md.read_text().splitlines()
+    assert table[0].startswith("| run | step | tokens | final_loss | final_bpb |")
+    a, b = (line.split(" | ") for line in table[2:4])
+    assert a[1] == "12" and a[2] == f"{12 * 8 * 32:,}"
+    assert a[3] == f"{train_rows[-1]['loss']:.4f}" and b[3] == "0.1230"
+    assert a[4] == f"{[r for r in rows if r.get('split') == 'eval'][-1]['bpb']:.4f}"
+    tps = sorted(r["tokens_per_s"] for r in train_rows[1:])[len(train_rows[1:]) // 2]
+    assert float(a[6].replace(",", "")) == pytest.approx(tps, abs=0.51)
+    assert a[7] == f"{rows[0]['param_count']:,} |"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit) as e:
+        plot_runs.main([str(run_dir), "--labels=a,b"])
+    assert e.value.code == 2 and "--labels: 2 names for 1 workdirs" in capsys.readouterr().err
