@@ -8,8 +8,9 @@ A grid file (configs/ablations/*.py) defines `get_grid(arg) -> dict` with
 - `eval` (optional): {"max_bytes": held-out bytes scored per cell, "tasks": "builtin"}.
 
 `data.tokenizer` values of the form `train:KIND:VOCAB` (KIND: sentencepiece_bpe,
-sentencepiece_unigram, byte_bpe) are trained once on the base data's training text and
-stored under ROOT/tokenizers/.
+sentencepiece_unigram, byte_bpe) are trained once on the first `eval.tokenizer_bytes`
+(default 4 MB) of the base data's text (`data.path`, or the embedded corpus; this text is
+not split, so it can include held-out documents) and stored under ROOT/tokenizers/.
 
 Each cell trains in ROOT/<cell> (jaxllm.train.loop.train, in this process) and is then
 evaluated with jaxllm.eval (tokenizer-independent bits per byte on the held-out split and
