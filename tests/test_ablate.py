@@ -112,3 +112,27 @@ def test_shipped_grid_and_errors(tmp_path, capsys):
             ablate.main(args)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and msg in err, (args, err)
+
+
+def test_grid_tokenizers_trained_once(tmp_path):
+    from test_eval_utils import tiny_cfg
+
+    from jaxllm.config import ConfigError
+    from jaxllm.data.tokenizers import load_tokenizer
+    base = tiny_cfg()
+    base.data.path = write_jsonl(tmp_path / "c.jsonl", corpus_texts())
+    grid = {"base": base, "eval": {},
+            "axes": {"tok": {"byte": {"data.tokenizer": "byte"},
+                             "bpe": {"data.tokenizer": "train:sentencepiece_bpe:400"}}}}
+    toks = ex.prepare_tokenizers(grid, str(tmp_path / "root"))
+    path = toks["train:sentencepiece_bpe:400"]
+    assert path.endswith("tokenizers/sentencepiece_bpe-400.model")
+    assert load_tokenizer(path).vocab_size == 400
+    stamp = os.path.getmtime(path)
+    assert ex.prepare_tokenizers(grid, str(tmp_path / "root")) == toks
+    assert os.path.getmtime(path) == stamp
+    cfgs = [ex.cell_config(base, ov, toks) for _, _, ov in ex.cells(grid)]
+    assert [c.data.tokenizer for c in cfgs] == ["byte", path]
+    grid["axes"]["tok"]["bad"] = {"data.tokenizer": "train:sentencepiece_bpe"}
+    with pytest.raises(ConfigError, match="expected train:KIND:VOCAB"):
+        ex.prepare_tokenizers(grid, str(tmp_path / "root"))
