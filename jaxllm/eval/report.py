@@ -78,8 +78,11 @@ def _fmt(v, spec=".4f"):
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     columns = columns or list(rows[0])
+    def numeric(c):
+        vals = [r.get(c) for r in rows if r.get(c) is not None]
+        return bool(vals) and all(isinstance(v, (int, float)) for v in vals)
     out = ["| " + " | ".join(columns) + " |",
-           "|" + "|".join("---" if c in ("run", "cell") else "---:" for c in columns) + "|"]
+           "|" + "|".join("---:" if numeric(c) else "---" for c in columns) + "|"]
     for r in rows:
         out.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
     return "\n".join(out)
