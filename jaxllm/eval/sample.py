@@ -1,4 +1,11 @@
-"""KV-cached autoregressive sampling: greedy, temperature, top-k and top-p (nucleus)."""
+"""KV-cached autoregressive sampling: greedy, temperature, top-k and top-p (nucleus).
+
+The prompt fills the cache in one forward pass; each new token is one cached step
+(`Transformer.hidden(..., cache=...)`), inside one `lax.scan`. Greedy decoding
+(temperature 0) equals decoding by full recomputation token for token
+(tests/test_sample.py). Top-p follows Holtzman et al. 2020 ("The Curious Case of Neural
+Text Degeneration"). Padded vocabulary ids (>= the tokenizer's size) are never produced.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +32,24 @@ def filter_logits(logits, temperature: float, top_k: int, top_p: float, vocab_li
     return logits
 
 
+def check_args(cfg, prompt_len: int, n_new: int, temperature: float, top_k: int,
+               top_p: float) -> None:
+    """ValueError naming the argument when a request cannot be served."""
+    m = cfg.model
+    if prompt_len < 1 or n_new < 1:
+        raise ValueError(f"prompt ({prompt_len} tokens) and max_tokens ({n_new}) must be >= 1")
+    if m.pos_encoding == "learned" and prompt_len + n_new > (m.max_position or cfg.data.seq_len):
+        raise ValueError(f"max_tokens: prompt ({prompt_len} tokens) + {n_new} new tokens "
+                         f"exceed the learned position table "
+                         f"({m.max_position or cfg.data.seq_len})")
+    if temperature < 0:
+        raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k: must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
+
+
 @functools.partial(jax.jit, static_argnames=("model_def", "n_new", "temperature", "top_k",
                                              "top_p", "vocab_limit"))
 def generate(model_def, params, prompt, rng, *, n_new: int, temperature: float = 1.0,
@@ -32,6 +57,8 @@ def generate(model_def, params, prompt, rng, *, n_new: int, temperature: float =
     """prompt [B, P] int32 -> [B, n_new] new tokens. temperature == 0 means greedy."""
     model = model_def.apply(params)
     b, p = prompt.shape
+    check_args(model_def.cfg, p, n_new, temperature, top_k, top_p)
+    top_k = min(top_k, vocab_limit)
     cache = model.init_cache(b, p + n_new)
     h, cache = model.hidden(prompt, cache=cache)
     logits = model.logits(h[:, -1:])[:, 0]

@@ -1,0 +1,83 @@
+"""`jaxllm-eval --workdir=DIR [...]`: bits per byte, downstream tasks, length extrapolation.
+
+Restores the newest checkpoint of DIR (its config from DIR/config.json), scores the held-out
+split of the training data or of `--data.path`, prints markdown tables, and with `--out`
+writes the results as JSON. The workdir is not modified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from jaxllm.cli import _fail, user_errors
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (the CLI error contract)
+        _fail(message)
+
+
+def _on_off(v: str) -> bool:
+    if v.lower() in ("on", "true", "1", "yes"):
+        return True
+    if v.lower() in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {v!r}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="jaxllm-eval", description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", required=True, help="training workdir to evaluate")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--data.path", dest="data_path", default=None,
+                   help="evaluate on this data instead (prepared dir, .txt/.jsonl/.parquet, glob)")
+    p.add_argument("--data.text_field", dest="text_field", default=None,
+                   help="JSON Lines field / Parquet column of the text")
+    p.add_argument("--split", default="eval", choices=("eval", "train", "all"),
+                   help="documents to score: the held-out split (default), train or all")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer path if it moved (must be the one the model trained with)")
+    p.add_argument("--batch_size", type=int, default=8, help="rows per batch")
+    p.add_argument("--seq_len", type=int, default=0, help="row length (default: training)")
+    p.add_argument("--packing", type=_on_off, default=True,
+                   help="on: pack document pieces into rows; off: one per row, padded")
+    p.add_argument("--max_bytes", type=int, default=0,
+                   help="score the first documents holding this many bytes (0 = all)")
+    p.add_argument("--tasks", default="",
+                   help="'builtin' and/or comma-separated .jsonl task files")
+    p.add_argument("--extrapolation", action="store_true",
+                   help="also bpb at 1x/2x/4x/8x the training length")
+    p.add_argument("--extrap_bytes", type=int, default=65536,
+                   help="bytes of documents scored by --extrapolation (0 = all)")
+    p.add_argument("--out", default=None, help="also write the results to this JSON file")
+    return p
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    with user_errors():
+        from jaxllm.eval.evaluate import evaluate, format_report
+        try:
+            result = evaluate(
+                args.workdir, step=args.step, data_path=args.data_path,
+                text_field=args.text_field, split=args.split, tokenizer=args.tokenizer,
+                batch_size=args.batch_size, seq_len=args.seq_len, packing=args.packing,
+                max_bytes=args.max_bytes, tasks=args.tasks, extrapolation=args.extrapolation,
+                extrap_bytes=args.extrap_bytes)
+        except ValueError as e:
+            _fail(str(e))
+        print(format_report(result), flush=True)
+        if args.out:
+            try:
+                with open(args.out, "w") as f:
+                    json.dump(result, f, indent=2)
+            except OSError as e:
+                _fail(f"--out: cannot write {args.out} ({e.strerror})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""One evaluation of a workdir: bits per byte, downstream tasks, length extrapolation.
+
+`evaluate(workdir, ...)` returns a JSON-ready dict; `format_report` renders it as markdown.
+Nothing is written to the workdir (its metrics.jsonl belongs to training).
+"""
+
+from __future__ import annotations
+
+import time
+
+from jaxllm.config import ConfigError
+
+
+def evaluate(workdir: str, *, step: int | None = None, data_path: str | None = None,
+             text_field: str | None = None, split: str = "eval", tokenizer: str | None = None,
+             batch_size: int = 8, seq_len: int = 0, packing: bool = True, max_bytes: int = 0,
+             tasks: str = "", extrapolation: bool = False, extrap_bytes: int = 65536,
+             run=None) -> dict:
+    from jaxllm.eval import bpb, harness
+    from jaxllm.eval import extrapolation as ex
+    from jaxllm.eval.restore import load_run
+    from jaxllm.eval.scoring import Scorer
+
+    overrides = {}
+    if data_path is not None:
+        overrides.update({"data.path": data_path, "data.mixture": ""})
+    if text_field is not None:
+        overrides["data.text_field"] = text_field
+    task_files = harness.resolve_tasks(tasks)
+    if run is None:
+        run = load_run(workdir, step=step, tokenizer=tokenizer, overrides=overrides)
+    train_len = run.cfg.data.seq_len
+    seq_len = seq_len or train_len
+    if seq_len < 1:
+        raise ConfigError(f"--seq_len: must be >= 1, got {seq_len}")
+    scorer = Scorer(run, batch_size)
+    limit = scorer.max_length()
+    if limit is not None and seq_len > limit:
+        raise ConfigError(f"--seq_len: {seq_len} exceeds the learned position table ({limit})")
+    for key, v in (("--max_bytes", max_bytes), ("--extrap_bytes", extrap_bytes)):
+        if v < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {v}")
+    t0 = time.perf_counter()
+    docs = bpb.eval_documents(run.cfg, run.tokenizer, split, max_bytes)
+    out = {"workdir": workdir, "step": run.step, "data": run.cfg.data.path or (
+        run.cfg.data.mixture or "embedded"), "split": split, "seq_len": seq_len,
+           "train_seq_len": train_len, "packing": packing, "batch_size": batch_size,
+           "tokenizer": run.cfg.data.tokenizer,
+           **bpb.evaluate_bpb(scorer, docs, seq_len, packing)}
+    out["tasks"] = [harness.evaluate_task(scorer, harness.load_task(p), seq_len)
+                    for p in task_files]
+    if extrapolation:
+        ex_docs = bpb.eval_documents(run.cfg, run.tokenizer, split, extrap_bytes)
+        out["extrapolation"] = ex.evaluate_lengths(scorer, ex_docs, train_len)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def format_report(r: dict) -> str:
+    from jaxllm.eval.extrapolation import format_table
+
+    lines = [(f"{r['workdir']} @ step {r['step']}: {r['data']} ({r['split']} split), "
+             f"{r['documents']} documents, {r['bytes']:,} bytes, {r['tokens']:,} tokens, "
+             f"seq_len {r['seq_len']}, packing {'on' if r['packing'] else 'off'}"),
+             "", "| metric | value |", "|---|---:|",
+             f"| bits per byte | {r['bpb']:.4f} |",
+             f"| loss (nats/token) | {r['loss']:.4f} |",
+             f"| perplexity (per token) | {r['perplexity']:.3f} |"]
+    if r.get("tasks"):
+        lines += ["", "| task | kind | n | skipped | acc | acc_norm | chance |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for t in r["tasks"]:
+            norm = f"{t['acc_norm']:.3f}" if "acc_norm" in t else "-"
+            lines.append(f"| {t['task']} | {t['kind']} | {t['n']} | {t['skipped']} | "
+                         f"{t['acc']:.3f} | {norm} | "
+                         f"{t['chance']:.3f} |")
+    if r.get("extrapolation"):
+        lines += ["", ("length extrapolation (training length "
+                  f"{r['train_seq_len']}, {r['extrapolation'][0]['tokens'] or 0:,} tokens):"),
+                  format_table(r["extrapolation"])]
+    return "\n".join(lines)

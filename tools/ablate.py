@@ -1,0 +1,81 @@
+"""Run an ablation grid: one training run per cell, then a results table and plots.
+
+    python tools/ablate.py --grid=configs/ablations/choices.py[:ARG] --root=runs/ablate \
+        [--only=model.pos_encoding=rope,alibi] [--set=train.steps=150] [--eval_bytes=N] \
+        [--dry_run]
+
+Cells already finished (final checkpoint, final eval row and ROOT/<cell>/ablation.json)
+are not rerun. Writes ROOT/results.md, results.csv, results.json and ablation.png. The
+logic lives in jaxllm/experiments.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxllm.cli import _fail, user_errors
+from jaxllm.cli.eval import _Parser
+
+
+def _pairs(items, flag):
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"{flag}: expected KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    p = _Parser(prog="ablate.py", description=__doc__.split("\n")[0])
+    p.add_argument("--grid", default="configs/ablations/choices.py", help="grid file[:ARG]")
+    p.add_argument("--root", default="runs/ablate", help="one workdir per cell goes here")
+    p.add_argument("--only", action="append", default=[],
+                   help="AXIS=label1,label2: run only these values of an axis (repeatable)")
+    p.add_argument("--set", action="append", default=[],
+                   help="KEY=VALUE: override a base config key for every cell (repeatable)")
+    p.add_argument("--eval_bytes", type=int, default=None,
+                   help="held-out bytes scored per cell (default: the grid's eval.max_bytes)")
+    p.add_argument("--dry_run", action="store_true", help="list the cells and exit")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    with user_errors():
+        from jaxllm import experiments as ex
+        grid = ex.load_grid(args.grid)
+        grid = ex.restrict(grid, {k: v.split(",") for k, v in _pairs(args.only, "--only").items()})
+        overrides = {k: _value(v) for k, v in _pairs(args.set, "--set").items()}
+        if args.eval_bytes is not None:
+            if args.eval_bytes < 0:
+                _fail(f"--eval_bytes: must be >= 0, got {args.eval_bytes}")
+            grid["eval"]["max_bytes"] = args.eval_bytes
+        if args.dry_run:
+            for name, _, ov in ex.cells(grid):
+                print(name, json.dumps(ov))
+            return
+        try:
+            ex.run_grid(grid, args.root, overrides)
+        except (TypeError, ValueError) as e:
+            _fail(str(e))
+        except InterruptedError as e:
+            print(f"stopped: {e}", file=sys.stderr)
+            sys.exit(1)
+        with open(os.path.join(args.root, "results.md")) as f:
+            print(f.read(), end="")
+        print(f"wrote {args.root}/results.md, results.csv, results.json, ablation.png")
+
+
+if __name__ == "__main__":
+    main()
