@@ -148,7 +148,7 @@ def tiny() -> ConfigDict:
     c.model.update(d_model=128, n_layers=4, n_heads=4, pos_encoding="rope",
                    activation="swiglu", norm="rmsnorm", use_bias=False, dtype="float32")
     c.optim.update(lr=3e-3, warmup_steps=50)
-    c.train.update(steps=400, batch_size=16, log_every=20, eval_every=50, eval_batches=4,
+    c.train.update(steps=300, batch_size=16, log_every=20, eval_every=50, eval_batches=4,
                    sample_tokens=160)
     c.data.seq_len = 256
     c.checkpoint.every = 100
