@@ -117,7 +117,10 @@ def plot_runs(workdirs: list[str], out_png: str, labels: list[str] | None = None
         a.grid(alpha=0.3)
     ax[0, 0].legend(fontsize="small")
     ax[1, 2].barh(labels, finals)
-    ax[1, 2].set_xlabel("final eval bits per byte")
+    ok = [f for f in finals if math.isfinite(f)]
+    if ok:  # start the axis near the smallest value so differences show
+        ax[1, 2].set_xlim(min(ok) * 0.97, max(ok) * 1.01)
+    ax[1, 2].set_xlabel("final eval bits per byte (training eval rows)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
