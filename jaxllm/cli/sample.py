@@ -33,27 +33,16 @@ def sample(run, prompt: str, *, max_tokens: int, temperature: float, top_k: int,
            top_p: float, seed: int, num: int) -> list[str]:
     """`num` continuations of `prompt` (text after the prompt, cut at the first EOS)."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
     from jaxllm import parallel
-    from jaxllm.eval.sample import generate
+    from jaxllm.eval.sample import continuations
 
     if num < 1:
         raise ValueError(f"--num: must be >= 1, got {num}")
-    tok = run.tokenizer
-    ids = np.concatenate([[tok.eos_id], tok.encode_array(prompt)]).astype(np.int32)
-    prompts = jnp.asarray(np.tile(ids, (num, 1)))
     with parallel.activate(run.cfg, run.mesh):
-        out = generate(run.model_def, run.params, prompts, jax.random.key(seed),
-                       n_new=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       vocab_limit=tok.vocab_size)
-    texts = []
-    for row in np.asarray(jax.device_get(out)).tolist():
-        if tok.eos_id in row:
-            row = row[:row.index(tok.eos_id)]
-        texts.append(tok.decode(row))
-    return texts
+        return continuations(run.model_def, run.params, run.tokenizer, prompt,
+                             jax.random.key(seed), n_new=max_tokens, num=num,
+                             temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 def main(argv=None) -> None:

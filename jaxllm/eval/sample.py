@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def filter_logits(logits, temperature: float, top_k: int, top_p: float, vocab_limit: int):
@@ -78,3 +79,19 @@ def generate(model_def, params, prompt, rng, *, n_new: int, temperature: float =
 
     _, toks = jax.lax.scan(step, (logits, cache), jax.random.split(rng, n_new))
     return toks.T
+
+
+def continuations(model_def, params, tokenizer, prompt: str, rng, *, n_new: int, num: int = 1,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[str]:
+    """`num` continuations of `prompt` (EOS-prefixed, as documents start in training), each
+    cut at its first EOS. Call under the model's mesh."""
+    ids = np.concatenate([[tokenizer.eos_id], tokenizer.encode_array(prompt)]).astype(np.int32)
+    out = generate(model_def, params, jnp.asarray(np.tile(ids, (num, 1))), rng, n_new=n_new,
+                   temperature=temperature, top_k=top_k, top_p=top_p,
+                   vocab_limit=tokenizer.vocab_size)
+    texts = []
+    for row in np.asarray(jax.device_get(out)).tolist():
+        if tokenizer.eos_id in row:
+            row = row[:row.index(tokenizer.eos_id)]
+        texts.append(tokenizer.decode(row))
+    return texts

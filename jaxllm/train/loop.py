@@ -18,8 +18,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from etils import epath
 from tqdm import tqdm
 
@@ -28,7 +26,7 @@ from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import ConfigError, padded_vocab, validate
 from jaxllm.data.pipeline import make_pipeline
 from jaxllm.data.tokenizers import load_tokenizer
-from jaxllm.eval.sample import generate
+from jaxllm.eval.sample import continuations
 from jaxllm.train import metrics as M
 from jaxllm.train import resume
 from jaxllm.train.guard import GUARD_KEYS, SkipTracker, TrainingDiverged
@@ -219,12 +217,14 @@ def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, nan_steps) -> dict:
         last["eval"] = ev
         if lead:
             print(f"step {step}: eval loss {ev['loss']:.4f}  bpb {ev['bpb']:.4f}", flush=True)
-        if cfg.train.sample_tokens:
-            prompt = np.asarray([tokenizer.encode(cfg.train.sample_prompt)], np.int32)
-            out = generate(model_def, state["params"], jnp.asarray(prompt),
-                           jax.random.key(cfg.train.seed), n_new=cfg.train.sample_tokens,
-                           temperature=0.8, top_k=40, vocab_limit=tokenizer.vocab_size)
-            text = tokenizer.decode(np.asarray(jax.device_get(out))[0].tolist())
+        n_new = cfg.train.sample_tokens
+        if cfg.model.pos_encoding == "learned":  # stay inside the position table
+            table = cfg.model.max_position or cfg.data.seq_len
+            n_new = min(n_new, table - 1 - len(tokenizer.encode(cfg.train.sample_prompt)))
+        if n_new > 0:
+            text = continuations(model_def, state["params"], tokenizer, cfg.train.sample_prompt,
+                                 jax.random.key(cfg.train.seed), n_new=n_new,
+                                 temperature=0.8, top_k=40)[0]
             last["sample"] = cfg.train.sample_prompt + text
             if lead:
                 print("--- sample ---\n" + last["sample"] + "\n--------------", flush=True)
