@@ -35,7 +35,8 @@ while (($#)); do
   shift
 done
 
-die() { echo "error: $*" >&2; exit 2; }
+# die, shq (shell quoting): shared with the other launchers
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 case "$platform" in auto|gpu|cpu) ;; *) die "--platform: got '$platform'; allowed: auto, gpu, cpu" ;; esac
 [[ "$devices" =~ ^[0-9]+$ ]] || die "--devices: must be a non-negative integer, got '$devices'"
 if [[ "$platform" == auto ]]; then
@@ -61,15 +62,6 @@ else
 fi
 [[ -z "$xla_flags" ]] || envs+=("XLA_FLAGS=$xla_flags")
 
-# shell-quote each argument (bare when safe, else in single quotes), joined by spaces
-shq() {
-  local out=() a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_@%+=:,./~-]+$ && "$a" != \~* ]]; then out+=("$a")
-    else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  local IFS=' '; echo -n "${out[*]}"
-}
 
 cmd=(env "${envs[@]}" "$python" -m jaxllm.train "${args[@]}")
 if ((dry_run)); then

@@ -40,7 +40,8 @@ while (($#)); do
   shift
 done
 
-die() { echo "error: $*" >&2; exit 2; }
+# die, shq (shell quoting): shared with the other launchers
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 [[ -n "$action" ]] || die "ACTION: missing; allowed: create, setup, train, logs, delete, up"
 [[ -n "$name" ]] || die "--name: required (the TPU VM name)"
 [[ -n "$zone" ]] || die "--zone: required (e.g. us-central2-b)"
@@ -54,15 +55,6 @@ if [[ -z "$version" ]]; then  # the TPU software image matching the generation
   esac
 fi
 
-# shell-quote each argument (bare when safe, else in single quotes), joined by spaces
-shq() {
-  local out=() a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_@%+=:,./~-]+$ && "$a" != \~* ]]; then out+=("$a")
-    else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  local IFS=' '; echo -n "${out[*]}"
-}
 tpu="gcloud compute tpus tpu-vm"
 where="--zone=$(shq "$zone")${project:+ --project=$(shq "$project")}"
 src="/tmp/jaxllm-src-$name.tgz"
@@ -77,7 +69,7 @@ do_create() {
   run "$tpu describe $(shq "$name") $where --format='value(state)' >/dev/null 2>&1 || $tpu create $(shq "$name") $where --accelerator-type=$(shq "$type") --version=$(shq "$version")$( ((spot)) && echo ' --spot')"
 }
 do_setup() {
-  run "tar czf $(shq "$src") --exclude=.git --exclude=runs --exclude='*.pyc' -C $(shq "$root") ."
+  run "tar czf $(shq "$src") --exclude=.git --exclude=.venv --exclude=.whl --exclude=runs --exclude='*.pyc' -C $(shq "$root") ."
   run "$tpu scp $(shq "$src") $(shq "$name"):~/jaxllm-src.tgz --worker=all $where"
   run "$tpu ssh $(shq "$name") --worker=all $where --command='mkdir -p ~/jaxllm && tar xzf ~/jaxllm-src.tgz -C ~/jaxllm && pip install -q -U \"jax[tpu]\" && pip install -q -e ~/jaxllm'"
 }
