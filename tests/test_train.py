@@ -76,3 +76,36 @@ def test_resume_with_changed_model_shape_is_refused(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "model.d_model" in proc.stderr
     assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == before
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    import jax
+
+    from jaxllm import optim, parallel
+    from jaxllm.train.loop import resolve
+    from jaxllm.train.state import init_state
+    from jaxllm.train.step import make_train_step
+
+    def one_step(accum):
+        cfg = small()
+        cfg.train.grad_accum = accum
+        resolve(cfg)
+        mesh = parallel.make_mesh(cfg, jax.devices()[:1])
+        tx = optim.build_optimizer(cfg)
+        model_def, state, _ = init_state(cfg, mesh, tx)
+        rng = np.random.default_rng(0)
+        toks = rng.integers(0, 256, (4, 33)).astype(np.int32)
+        seg = np.ones((4, 32), np.int32)
+        seg[1, 20:] = 2  # two documents in one row
+        seg[3, 28:] = 0  # padding: uneven token counts across micro-batches
+        batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": seg,
+                 "positions": np.tile(np.arange(32, dtype=np.int32), (4, 1))}
+        with parallel.activate(cfg, mesh):
+            new, m = jax.jit(make_train_step(cfg, model_def, tx))(state, batch)
+        return float(m["loss"]), float(m["grad_norm"]), jax.tree.leaves(new["params"])
+
+    l1, g1, p1 = one_step(1)
+    l2, g2, p2 = one_step(2)
+    assert abs(l1 - l2) <= 1e-6 * abs(l1) and abs(g1 - g2) <= 1e-5 * g1
+    for a, b in zip(p1, p2, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
