@@ -186,10 +186,11 @@ def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, nan_steps) -> dict:
                     window_t, window_n = time.perf_counter(), 0
                 bar.update(1)
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total:
+                    t_eval = time.perf_counter()
                     ev = _eval(eval_fn, state["params"], held_out, mesh)
                     writer.write({"split": "eval", "step": step, **ev})
                     bar.write(f"step {step}: eval loss {ev['loss']:.4f}  bpb {ev['bpb']:.4f}")
-                    window_t = time.perf_counter()
+                    window_t += time.perf_counter() - t_eval  # eval time is not train time
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != total:
                     save(step, state)
                 if stop.should_stop(step):
