@@ -53,8 +53,8 @@ def test_optimizer_trains_tiny_model_100_steps(tmp_path, name):
 
 def test_adam8bit_within_2_percent_of_adamw_200_steps(tmp_path):
     """Same data, seed and hyperparameters: 8-bit Adam's loss is within 2% of AdamW's at
-    every logged step after warmup, and at the end. d_model 128 with 4 heads (head size 32) puts every
-    matrix through the 8-bit path (its state is < 40% of AdamW's, checked)."""
+    every logged step after warmup, and at the end. d_model 128 with 4 heads (head size 32)
+    puts every matrix through the 8-bit path (its state is < 40% of AdamW's, checked)."""
     model = {"d_model": 128, "n_heads": 4}
     a = run(tmp_path, "adamw", 200, **model)
     b = run(tmp_path, "adam8bit", 200, **model)
