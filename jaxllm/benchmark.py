@@ -147,7 +147,7 @@ def measure(cfg, steps: int, warmup: int, name: str = "") -> dict:
     """Time the real train step on a synthetic batch; a row of the table (status `ok`)."""
     row = describe(cfg, name)
     mesh = parallel.make_mesh(cfg)
-    tx = optim.build_optimizer(cfg)
+    tx = optim.build_optimizer(cfg, guard_nonfinite=False)  # the step guards
     model_def, state, shardings = init_state(cfg, mesh, tx)
     fpt = row["flops_per_token"]
     batch = parallel.global_batch(synthetic_batch(cfg, cfg.train.batch_size), mesh)

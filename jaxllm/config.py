@@ -88,6 +88,7 @@ def defaults() -> ConfigDict:
     o.gamma = config_dict.placeholder(float)  # sophia: 0.05 (G) / 0.01 (H) when None
     o.block_size = 256  # adam8bit: quantization block
     o.min_8bit_size = 4096  # adam8bit: tensors smaller than this stay float32
+    o.fp32_embedding_state = False  # adam8bit: embedding tables keep float32 moments
 
     c.train = t = ConfigDict()
     t.steps = 1000  # optimizer steps
@@ -234,7 +235,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _typed(cfg, "optim.hessian_every", int, lo=1)
     _typed(cfg, "optim.block_size", int, lo=1)
     _typed(cfg, "optim.min_8bit_size", int, lo=0)
-    for key in ("optim.nesterov", "optim.decay_embeddings"):
+    for key in ("optim.nesterov", "optim.decay_embeddings", "optim.fp32_embedding_state"):
         _typed(cfg, key, bool)
 
     for key in ("train.steps", "train.batch_size", "train.grad_accum", "train.log_every",

@@ -432,6 +432,40 @@ def test_block_layout_and_small_tensors_stay_float32():
                                rtol=1e-6)
 
 
+def test_adam8bit_fp32_embedding_state_keeps_embedding_moments_float32():
+    """`optim.fp32_embedding_state` (bitsandbytes' StableEmbedding): the embedding table's
+    moments stay float32 and its update is exactly float32 Adam's; other matrices stay 8-bit."""
+    params = {"embed": {"embedding": jnp.zeros((512, 64))}, "w": {"kernel": jnp.zeros((64, 512))}}
+    cfg = make_cfg("adam8bit", warmup_steps=0, fp32_embedding_state=True, weight_decay=0.0)
+    tx, ref = optim.build_optimizer(cfg), optax.chain(optax.clip_by_global_norm(1.0),
+                                                      optax.adamw(0.0, 0.9, 0.95, 1e-8, 0.0))
+    st = tx.init(params)
+    inner = st[1][0]  # skip_nonfinite(chain(clip, chain(adam8bit, lr)))
+    assert inner.mu["embed"]["embedding"].dtype == jnp.float32
+    assert inner.mu_absmax["embed"]["embedding"].shape == ()
+    assert inner.mu["w"]["kernel"].dtype == jnp.uint8
+    rng = np.random.default_rng(3)
+    rs = ref.init(params)
+    for _ in range(3):
+        g = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape) * 0.01,
+                                               jnp.float32), params)
+        u, st = jax.jit(tx.update)(g, st, params)
+        _, rs = ref.update(g, rs, params)
+    m_ref = rs[1][0].mu["embed"]["embedding"]
+    np.testing.assert_allclose(st[1][0].mu["embed"]["embedding"], m_ref, rtol=1e-5, atol=1e-9)
+    # the GPT-2 124M state with float32 embedding moments: 8-bit bytes of wte/wpe swapped for
+    # two float32 moments each
+    shapes = gpt2_124m_shapes()
+    base, fp32 = (optim.opt_state_bytes(jax.eval_shape(optim.build_optimizer(make_cfg(
+        "adam8bit", fp32_embedding_state=f)).init, shapes)) for f in (False, True))
+    tables = [p.shape for k, p in jax.tree_util.tree_leaves_with_path(shapes)
+              if "embedding" in jax.tree_util.keystr(k)]
+    assert len(tables) == 2  # token and position tables
+    extra = sum(8 * math.prod(s) - 2 * math.prod(s) - 2 * 4 * math.prod(s) // block_for(s)
+                + 2 * 4 for s in tables)
+    assert fp32 - base == extra
+
+
 def test_adam8bit_nonfinite_grads_never_enter_state():
     params = {"w": jnp.ones((16, 512))}
     tx = scale_by_adam8bit()
@@ -535,8 +569,10 @@ def test_nnx_optimizer_all_names():
     def loss(m):
         return optax.softmax_cross_entropy_with_integer_labels(m(ids), targets).mean()
 
-    for name in ("adamw", "adam8bit", "sophia_h"):  # mask paths, 8-bit state, extra args
-        cfg = make_cfg(name, warmup_steps=0, hessian_every=2)
+    # mask paths, 8-bit state (also with float32 embedding moments), extra args
+    for name, kw in (("adamw", {}), ("adam8bit", {}), ("adam8bit", {"fp32_embedding_state": True}),
+                     ("sophia_h", {})):
+        cfg = make_cfg(name, warmup_steps=0, hessian_every=2, **kw)
         model = Tiny(nnx.Rngs(0))
         opt = nnx.Optimizer(model, optim.build_optimizer(cfg), wrt=nnx.Param)
         graphdef = nnx.graphdef(model)
@@ -556,6 +592,9 @@ def test_nnx_optimizer_all_names():
             step_fn(model, opt, step, jax.random.key(step))
         assert float(loss(model)) < float(before), name
         assert int(opt.step[...]) == 3
+        if name == "adam8bit":  # the (64, 64) embedding: float32 moments only when asked
+            dtypes = {x.dtype for x in jax.tree.leaves(opt.opt_state) if x.shape == (64, 64)}
+            assert dtypes == ({jnp.dtype("float32")} if kw else {jnp.dtype("uint8")}), dtypes
         if name.startswith("sophia"):
             assert 0 <= float(optim.optimizer_metrics(opt.opt_state)["sophia_win_rate"]) <= 1
 

@@ -12,6 +12,7 @@ import math
 import pytest
 from conftest import tiny_cfg
 
+from jaxllm.config import tiny
 from jaxllm.train.loop import train
 
 # Peak learning rates for the tiny model (tiny_cfg: d_model 32, 2 layers, seq 32, batch 4).
@@ -51,20 +52,35 @@ def test_optimizer_trains_tiny_model_100_steps(tmp_path, name):
         assert "sophia_win_rate" not in tr[0]
 
 
-def test_adam8bit_within_2_percent_of_adamw_200_steps(tmp_path):
-    """Same data, seed and hyperparameters: the final held-out and train losses of 8-bit
-    Adam are within 2% of AdamW's. d_model 128 with 4 heads (head size 32) puts every
-    matrix through the 8-bit path (its state is < 40% of AdamW's, checked). (Per logged
-    step the two differ by up to 8% early in this small-batch run: not asserted here.)"""
-    model = {"d_model": 128, "n_heads": 4}
-    a = run(tmp_path, "adamw", 200, **model)
-    b = run(tmp_path, "adam8bit", 200, **model)
-    start = lambda rows: next(r for r in rows if r.get("event") == "start")  # noqa: E731
-    assert start(b)["opt_state_bytes"] < 0.4 * start(a)["opt_state_bytes"]
-    ev = lambda rows: [r["loss"] for r in rows if r.get("split") == "eval"][-1]  # noqa: E731
-    tail = lambda rows: sum(r["loss"] for r in rows if r.get("split") == "train"  # noqa: E731
-                            and r["step"] > 150) / 5
-    assert ev(a) < 0.7 * math.log(384)  # AdamW itself learned something
-    assert abs(ev(b) - ev(a)) <= 0.02 * ev(a), (ev(a), ev(b))
-    assert abs(tail(b) - tail(a)) <= 0.02 * tail(a), (tail(a), tail(b))
+def test_adam8bit_within_2_percent_of_adamw_every_logged_step_tiny_config(tmp_path):
+    """The optimizer issue's bound, on the tiny model itself (`jaxllm.config.tiny()`: d_model
+    128, 4 layers, batch 16 x 256 tokens, lr 3e-3, warmup 50, logging every 20 steps), 200
+    steps, same data and seed: the train loss of 8-bit Adam is within 2% of float32 AdamW's
+    at every logged step after warmup (steps 60..200; measured: at most +1.6%, step 180),
+    and the final held-out loss too (measured +0.5%).
 
+    How tight 2% is on this model: AdamW with a bfloat16 first moment (MaxText/Levanter's
+    memory saving) differs from float32 AdamW by up to 2.5% per row on the same run, and
+    other seeds move 8-bit Adam up to 2-5% either way (BENCHMARKS.md)."""
+    rows = {}
+    for name in ("adamw", "adam8bit"):
+        cfg = tiny()
+        cfg.optim.name = name
+        cfg.train.update(steps=200, sample_tokens=0)
+        cfg.checkpoint.every = 0
+        cfg.log.update(progress=False, tensorboard=False)
+        train(cfg, str(tmp_path / name))
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            rows[name] = [json.loads(line) for line in f]
+    assert next(r for r in rows["adam8bit"] if r.get("event") == "start")["opt_state_bytes"] \
+        < 0.3 * next(r for r in rows["adamw"] if r.get("event") == "start")["opt_state_bytes"]
+    def losses(name, split):
+        return {r["step"]: r["loss"] for r in rows[name] if r.get("split") == split}
+    a, b = losses("adamw", "train"), losses("adam8bit", "train")
+    logged = [s for s in sorted(a) if s > cfg.optim.warmup_steps]
+    assert logged == list(range(60, 201, 20)) and sorted(b) == sorted(a)
+    ratio = {s: b[s] / a[s] for s in logged}
+    assert all(abs(r - 1) <= 0.02 for r in ratio.values()), ratio
+    ea, eb = losses("adamw", "eval"), losses("adam8bit", "eval")
+    assert abs(eb[200] / ea[200] - 1) <= 0.02, (ea, eb)
+    assert ea[200] < 0.75 * ea[50]  # AdamW itself learned

@@ -139,14 +139,24 @@ def test_incompatible_config_names_keys_and_leaves_workdir_untouched(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.spike_window \(saved 100, now 7\)"):
         train(tiny_cfg(**{"train.steps": 4, "train.spike_window": 7}), tmp_path)
     assert _digest(tmp_path) == before
+    # 8-bit Adam's state layout: block size and float32 embedding moments must match too
+    w8 = tmp_path / "adam8bit"
+    train(tiny_cfg(**{"train.steps": 2, "train.eval_every": 0, "optim.name": "adam8bit"}), w8)
+    before = _digest(w8)
+    with pytest.raises(ConfigError) as e:
+        train(tiny_cfg(**{"train.steps": 4, "optim.name": "adam8bit", "optim.block_size": 64,
+                          "optim.fp32_embedding_state": True}), w8)
+    assert "optim.block_size (saved 256, now 64)" in str(e.value)
+    assert "optim.fp32_embedding_state (saved False, now True)" in str(e.value)
+    assert _digest(w8) == before
 
 
 def test_resume_keys_cover_shape_keys():
     from jaxllm.config import SHAPE_KEYS
-    from jaxllm.train.resume import RESUME_KEYS
+    from jaxllm.train.resume import OPT_STATE_KEYS, RESUME_KEYS
     assert set(SHAPE_KEYS) <= set(RESUME_KEYS)
     cfg = tiny_cfg()
-    for key in RESUME_KEYS:  # every key exists in the schema
+    for key in RESUME_KEYS + sum(OPT_STATE_KEYS.values(), ()):  # every key is in the schema
         sec, name = key.split(".")
         assert name in cfg[sec]
 

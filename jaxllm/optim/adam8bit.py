@@ -5,7 +5,10 @@ Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise Quantiz
 elements: dequantize `m = signed_map[code]·absmax` and `v = unsigned_map[code]·absmax`,
 update m and v in float32 exactly as Adam does (with bias correction), compute the update
 from those float32 values, then re-quantize each moment to the nearest entry of its map
-after dividing by the block's new absmax. Smaller tensors keep float32 moments.
+after dividing by the block's new absmax. Smaller tensors keep float32 moments, and so do
+the leaves picked by `fp32_mask` (config `optim.fp32_embedding_state`: the embedding
+tables, as bitsandbytes' StableEmbedding does; the paper recommends 32-bit optimizer state
+for the embedding layer of language models).
 
 Layout (sharding-friendly). Blocks run along the LAST axis only: a parameter `[..., n]`
 is viewed as `[..., n/b, b]` during the update. The stored codes keep the parameter's own
@@ -129,31 +132,51 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
+def _fp32_flags(fp32_mask, tree) -> list[bool]:
+    """One Python bool per array leaf of `tree`: True where `fp32_mask` keeps float32."""
+    n = len(jax.tree.leaves(tree))
+    if fp32_mask is None:
+        return [False] * n
+    flags = [bool(f) for f in jax.tree.leaves(fp32_mask(tree))]
+    if len(flags) != n:
+        raise ValueError(f"fp32_mask gave {len(flags)} flags for {n} leaves")
+    return flags
+
+
 def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                      block_size: int = 256, min_8bit_size: int = 4096
+                      block_size: int = 256, min_8bit_size: int = 4096, fp32_mask=None
                       ) -> optax.GradientTransformation:
-    """Adam's update direction (no learning rate) with 8-bit block-wise quantized moments."""
-    def blk(shape):
-        return block_for(shape, block_size, min_8bit_size)
+    """Adam's update direction (no learning rate) with 8-bit block-wise quantized moments.
+
+    `fp32_mask(tree)` (optional) returns a tree of Python bools shaped like the parameters
+    (or gradients); leaves marked True keep float32 moments."""
+    def blk(shape, fp32=False):
+        return 0 if fp32 else block_for(shape, block_size, min_8bit_size)
 
     def init(params):
-        def moment(p, zero_code):
-            b = blk(_shape(p))
+        leaves, treedef = jax.tree.flatten(params, is_leaf=_is_variable)
+        flags = _fp32_flags(fp32_mask, params)
+
+        def moment(p, zero_code, fp32):
+            b = blk(_shape(p), fp32)
+            if _is_variable(p):  # codes/moments keep the parameter's Variable metadata
+                return jax.tree.map(lambda x: moment(x, zero_code, fp32), p)
             if b:
                 return jnp.full(p.shape, zero_code, jnp.uint8)
             return jnp.zeros(p.shape, jnp.float32)
 
-        def absmax(p):  # plain array, no Variable metadata (see module docstring)
+        def absmax(p, fp32):  # plain array, no Variable metadata (see module docstring)
             shape = _shape(p)
-            b = blk(shape)
+            b = blk(shape, fp32)
             return jnp.zeros((*shape[:-1], shape[-1] // b) if b else (), jnp.float32)
 
+        def tree(f, *args):
+            return jax.tree.unflatten(treedef, [f(p, *args, k) for p, k in zip(leaves, flags,
+                                                                                strict=True)])
         return Adam8bitState(
             count=jnp.zeros((), jnp.int32),
-            mu=jax.tree.map(lambda p: moment(p, _ZERO_CODE_SIGNED), params),
-            mu_absmax=jax.tree.map(absmax, params, is_leaf=_is_variable),
-            nu=jax.tree.map(lambda p: moment(p, _ZERO_CODE_UNSIGNED), params),
-            nu_absmax=jax.tree.map(absmax, params, is_leaf=_is_variable),
+            mu=tree(moment, _ZERO_CODE_SIGNED), mu_absmax=tree(absmax),
+            nu=tree(moment, _ZERO_CODE_UNSIGNED), nu_absmax=tree(absmax),
         )
 
     def update(updates, state, params=None):
@@ -162,10 +185,11 @@ def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         c1 = 1.0 - b1 ** count.astype(jnp.float32)
         c2 = 1.0 - b2 ** count.astype(jnp.float32)
         g_leaves, g_def = jax.tree.flatten(updates)
+        flags = _fp32_flags(fp32_mask, updates)
         fields = [jax.tree.leaves(f) for f in state[1:]]
         outs, mus, mu_ams, nus, nu_ams = [], [], [], [], []
-        for g, mq, ma, vq, va in zip(g_leaves, *fields, strict=True):
-            b = blk(g.shape)
+        for g, fp32, mq, ma, vq, va in zip(g_leaves, flags, *fields, strict=True):
+            b = blk(g.shape, fp32)
             g32 = g.astype(jnp.float32)
             m = dequantize_blockwise(mq, ma, SIGNED_MAP) if b else mq
             v = dequantize_blockwise(vq, va, UNSIGNED_MAP) if b else vq
@@ -196,9 +220,9 @@ def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
 def adam8bit(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
              weight_decay: float = 0.0, mask=None, block_size: int = 256,
-             min_8bit_size: int = 4096) -> optax.GradientTransformationExtraArgs:
+             min_8bit_size: int = 4096, fp32_mask=None) -> optax.GradientTransformationExtraArgs:
     """8-bit AdamW: scale_by_adam8bit, decoupled weight decay (masked), then -learning_rate."""
-    parts = [scale_by_adam8bit(b1, b2, eps, block_size, min_8bit_size)]
+    parts = [scale_by_adam8bit(b1, b2, eps, block_size, min_8bit_size, fp32_mask)]
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay, mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))

@@ -1,8 +1,10 @@
 """`build_optimizer(cfg)`: one optax transformation per `optim.name`, with shared pieces.
 
 Every optimizer is `chain(clip_by_global_norm(optim.clip), <optimizer with decoupled,
-masked weight decay and the lr schedule>)`, wrapped so that a step whose gradients hold a
-NaN/Inf returns zero updates and leaves the whole optimizer state unchanged.
+masked weight decay and the lr schedule>)`, by default wrapped (`skip_nonfinite`) so that a
+step whose gradients hold a NaN/Inf returns zero updates and leaves the whole optimizer
+state unchanged. The train step builds it without that wrapper: its guard
+(`jaxllm/train/guard.py`) skips such steps, and loss spikes, for params and state at once.
 
 Per-optimizer defaults for the `None` placeholders of `cfg.optim` (REFERENCE.md):
 
@@ -79,7 +81,8 @@ def resolved_hparams(cfg) -> dict:
     if name.startswith("sophia"):
         out.update(gamma=pick("gamma"), hessian_every=int(o.hessian_every))
     if name == "adam8bit":
-        out.update(block_size=int(o.block_size), min_8bit_size=int(o.min_8bit_size))
+        out.update(block_size=int(o.block_size), min_8bit_size=int(o.min_8bit_size),
+                   fp32_embedding_state=bool(o.fp32_embedding_state))
     return out
 
 
@@ -133,6 +136,12 @@ def decay_mask(params, decay_embeddings: bool = False):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def embedding_mask(params):
+    """Pytree of bools like `params`: True for embedding tables (token and position)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: _leaf_name(path) in EMBEDDING_NAMES, params)
+
+
 def skip_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """Zero updates and unchanged state when any gradient leaf is NaN/Inf."""
     tx = optax.with_extra_args_support(tx)
@@ -148,8 +157,13 @@ def skip_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransforma
     return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
-def build_optimizer(cfg) -> optax.GradientTransformationExtraArgs:
+def build_optimizer(cfg, *, guard_nonfinite: bool = True) -> optax.GradientTransformationExtraArgs:
     """The optimizer named by `cfg.optim.name` (see the module docstring for defaults).
+
+    With `guard_nonfinite` (the default, for standalone optax use) the chain is wrapped in
+    `skip_nonfinite`. The train step passes False: its own guard (`train/guard.py`) already
+    keeps params and optimizer state on a non-finite or spiking step, so a second check
+    would only cost another pass over the state. The state's structure is the same.
 
     Sophia variants take extra update arguments `hessian=` and `refresh=` (see
     `hessian_extra_args`); the others ignore any extra arguments.
@@ -166,14 +180,16 @@ def build_optimizer(cfg) -> optax.GradientTransformationExtraArgs:
         opt = sophia(lr, hp["b1"], hp["b2"], hp["eps"], hp["gamma"], wd, mask)
     elif name == "adam8bit":
         opt = adam8bit(lr, hp["b1"], hp["b2"], hp["eps"], wd, mask, hp["block_size"],
-                       hp["min_8bit_size"])
+                       hp["min_8bit_size"],
+                       embedding_mask if hp["fp32_embedding_state"] else None)
     else:  # sgd
         parts = [optax.trace(hp["momentum"], nesterov=hp["nesterov"])] if hp["momentum"] else []
         if wd:
             parts.append(optax.add_decayed_weights(wd, mask))
         opt = optax.chain(*parts, optax.scale_by_learning_rate(lr))
     parts = [optax.clip_by_global_norm(hp["clip"])] if hp["clip"] > 0 else []
-    return skip_nonfinite(optax.chain(*parts, opt))
+    tx = optax.with_extra_args_support(optax.chain(*parts, opt))
+    return skip_nonfinite(tx) if guard_nonfinite else tx
 
 
 def hessian_estimator(cfg):

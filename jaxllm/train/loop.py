@@ -97,7 +97,7 @@ def train(cfg, workdir: str, *, nan_steps=()) -> dict:
     wd = _abs(workdir)
     check_compatible(cfg, wd)
     wd.mkdir(parents=True, exist_ok=True)
-    tx = optim.build_optimizer(cfg)
+    tx = optim.build_optimizer(cfg, guard_nonfinite=False)  # the step guards
     stop = Preemption(check_every=cfg.train.log_every)
     ckpt = Checkpointer(wd / "checkpoints", cfg)
     try:

@@ -1,7 +1,8 @@
 """Resume policy: config compatibility, restore-or-init, and the data position.
 
 - A workdir resumes only under the same parameter shapes (`config.SHAPE_KEYS`, plus
-  `train.spike_window`, the shape of the step guard's window); anything else may change
+  `train.spike_window`, the shape of the step guard's window, and for adam8bit the keys
+  that fix its state layout: `OPT_STATE_KEYS`); anything else may change
   between runs (more steps, eval/log cadence, learning rate, checkpoint cadence, mesh
   shape, device count, process count, batch size).
 - The newest readable checkpoint is restored onto the current mesh (the abstract target
@@ -28,6 +29,9 @@ from jaxllm.config import SHAPE_KEYS, ConfigError
 from jaxllm.train.state import abstract_state, init_state
 
 RESUME_KEYS = SHAPE_KEYS + ("train.spike_window",)
+# keys that fix the optimizer state's layout, per optimizer
+OPT_STATE_KEYS = {"adam8bit": ("optim.block_size", "optim.min_8bit_size",
+                               "optim.fp32_embedding_state")}
 LAYOUT_KEYS = ("data.seq_len", "data.packing", "data.path", "data.mixture")
 
 
@@ -41,7 +45,7 @@ def check_compatible(cfg, workdir) -> None:
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: unreadable saved config ({e})") from None
     bad = []
-    for key in RESUME_KEYS:
+    for key in RESUME_KEYS + OPT_STATE_KEYS.get(cfg.optim.name, ()):
         sec, name = key.split(".")
         old = saved.get(sec, {}).get(name)
         if old is not None and old != cfg[sec][name]:
