@@ -48,8 +48,13 @@ def resolve_backend(backend: str, *, alibi: bool, platform: str | None = None,
 
 
 def attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, positions=None,
-              kv_positions=None, alibi_slopes=None, causal=True, backend="auto", scale=None):
-    """Masked (causal, per-document) multi-head attention; returns [B, T, H, D] in q's dtype."""
+              kv_positions=None, alibi_slopes=None, causal=True, backend="auto", scale=None,
+              shard_axes=None):
+    """Masked (causal, per-document) multi-head attention; returns [B, T, H, D] in q's dtype.
+
+    `shard_axes=(batch axes, head axes)` (mesh axis names; from the model's logical rules)
+    runs the `flash` kernel per shard under `jax.shard_map`; XLA partitions the other
+    backends itself, so they ignore it."""
     t, s = q.shape[1], k.shape[1]
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
@@ -70,5 +75,6 @@ def attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, positions=None,
         fn = flash.attention
     else:
         raise ValueError(f"unknown attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    extra = {"shard_axes": shard_axes} if backend == "flash" and shard_axes else {}
     return fn(q, k, v, segment_ids, kv_segment_ids, positions, kv_positions,
-              alibi_slopes=alibi_slopes, causal=causal, scale=scale)
+              alibi_slopes=alibi_slopes, causal=causal, scale=scale, **extra)

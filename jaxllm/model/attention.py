@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
 from jaxllm import kernels
-from jaxllm.model.layers import DTYPES, constrain, param
+from jaxllm.model.layers import DTYPES, constrain, logical_spec, param
 from jaxllm.model.positions import alibi_slopes, apply_rope
 
 
@@ -61,12 +64,32 @@ class Attention(nnx.Module):
                          "index": idx + x.shape[1]}
         y = kernels.attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_seg,
                               positions=positions, kv_positions=kv_pos, alibi_slopes=slopes,
-                              causal=True, backend=self.backend)
+                              causal=True, backend=self.backend,
+                              shard_axes=shard_axes(q, k, names, kv_names))
         y = constrain(y, "batch", "length", "heads", "head_dim")
         out = jnp.einsum("bthk,hkd->btd", y, self.wo[...].astype(self.dtype))
         if self.o_bias is not None:
             out = out + self.o_bias[...].astype(self.dtype)
         return out, cache
+
+
+def shard_axes(q, k, names, kv_names):
+    """(batch axes, head axes) of q under the active mesh and rules, for kernels that run
+    per shard (the Pallas flash kernel has no SPMD rule of its own); None on one device.
+    An axis the mesh does not divide (a one-prompt sampling batch, q's and k/v's heads
+    mapped differently) stays whole per shard."""
+    spec, kv_spec = logical_spec(*names), logical_spec(*kv_names)
+    mesh = jax.sharding.get_abstract_mesh()
+    if spec is None or mesh.size == 1:
+        return None
+
+    def fits(axes, *dims):
+        size = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+        return axes if all(n % size == 0 for n in dims) else None
+    batch = None if spec[0] is None else fits(spec[0], q.shape[0])
+    heads = None if spec[2] is None or spec[2] != kv_spec[2] else fits(spec[2], q.shape[2],
+                                                                       k.shape[2])
+    return (batch, heads) if batch or heads else None
 
 
 def jax_update(buf, new, idx):

@@ -28,22 +28,29 @@ def param(rngs: nnx.Rngs, shape, axes, std: float | None, dtype) -> nnx.Param:
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
-def constrain(x, *names):
-    """Sharding constraint on an activation by logical names; a no-op outside a mesh."""
+def logical_spec(*names):
+    """PartitionSpec of a value with these logical dimension names under the active rules;
+    None outside a mesh. A mesh axis shards one dimension only: `embed`->fsdp yields to
+    `batch`->fsdp."""
     mesh = jax.sharding.get_abstract_mesh()
     rules = spmd.get_logical_axis_rules()
     if mesh.empty or not rules:
-        return x
+        return None
     used, entries = set(), []
     for entry in spmd.from_sharding_rules(names, rules):
         axes = entry if isinstance(entry, tuple) else (entry,)
-        # a mesh axis can shard one dimension only: `embed`->fsdp yields to `batch`->fsdp
         if entry is None or used.intersection(axes):
             entries.append(None)
         else:
             entries.append(entry)
             used.update(axes)
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*entries))
+    return jax.sharding.PartitionSpec(*entries)
+
+
+def constrain(x, *names):
+    """Sharding constraint on an activation by logical names; a no-op outside a mesh."""
+    spec = logical_spec(*names)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 class Norm(nnx.Module):
