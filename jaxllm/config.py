@@ -9,6 +9,7 @@ This module imports nothing else of jaxllm.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 from ml_collections import ConfigDict, config_dict
@@ -288,6 +289,10 @@ def validate(cfg: ConfigDict) -> ConfigDict:
                f"must be in [0, {cfg.dist.num_processes}) with dist.coordinator")
     for key in ("log.tensorboard", "log.wandb", "log.progress"):
         _typed(cfg, key, bool)
+    _typed(cfg, "log.wandb_project", str)
+    if cfg.log.wandb:
+        _check(importlib.util.find_spec("wandb") is not None, "log.wandb",
+               "true needs the wandb package (pip install wandb); or set log.wandb=false")
     return cfg
 
 
