@@ -99,13 +99,13 @@ def test_wandb_logging_path_with_a_stub_module(tmp_path, monkeypatch):
     and eval row is logged at its step under `split/` names; the run is finished. (A stub
     module stands in for wandb, which the test extra does not install.)"""
     import importlib.machinery
-    import json
     import sys
     import types
 
     from conftest import tiny_cfg
 
     from jaxllm.train.loop import train
+    from tests.fault_tools import rows as metrics_rows
 
     calls = []
     stub = types.ModuleType("wandb")
@@ -130,8 +130,7 @@ def test_wandb_logging_path_with_a_stub_module(tmp_path, monkeypatch):
     kind, kw = calls[0]
     assert kind == "init" and kw["project"] == "proj" and kw["dir"] == str(tmp_path)
     assert kw["config"]["model"]["d_model"] == 32
-    rows = [json.loads(ln) for ln in open(tmp_path / "metrics.jsonl")]
-    want = [(r["step"], r["split"], r["loss"]) for r in rows if "split" in r]
+    want = [(r["step"], r["split"], r["loss"]) for r in metrics_rows(tmp_path) if "split" in r]
     got = [(c[1], k.split("/")[0], v) for c in calls if c[0] == "log"
            for k, v in c[2].items() if k.endswith("/loss")]
     assert got == want and {s for s, split, _ in got if split == "eval"} == {5, 10}

@@ -340,6 +340,14 @@ def test_kv_cache_shapes_match_reference(backend):
     assert rel(got, xla.attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, sl)) < 1e-5
 
 
+def run_on_8_devices(script: str) -> str:
+    """Run `script` in a fresh Python with 8 simulated CPU devices; its stdout."""
+    from tests.fault_tools import run_py
+    res = run_py(script, devices=8, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
 SHARDED_SCRIPT = r"""
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -374,18 +382,9 @@ print("ERR", err, "LOCAL", "tensor<1x32x2x16xf32>" in text and "tensor<1x32x1x16
 def test_flash_runs_per_shard_under_shard_map_on_8_devices():
     """shard_axes: batch over `data`, heads over `tensor`; the kernels see per-shard
     [1, 32, 2, 16] q and [1, 32, 1, 16] k/v blocks, and outputs and grads match."""
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
-    res = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, cwd=root, check=False,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    _, err, _, local = res.stdout.split()
-    assert float(err) < 1e-5 and local == "True", res.stdout
+    out = run_on_8_devices(SHARDED_SCRIPT)
+    _, err, _, local = out.split()
+    assert float(err) < 1e-5 and local == "True", out
 
 
 def test_flash_shard_axes_needs_a_mesh():
@@ -450,16 +449,7 @@ def test_model_runs_flash_per_shard_on_a_mesh():
     tensor) from the logical rules: on a (2,2,2) mesh the kernel sees per-shard q/k/v
     blocks, and loss and grads match the xla backend on one device (float32, ALiBi, GQA,
     packed documents and padding)."""
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
-    res = subprocess.run([sys.executable, "-c", MODEL_MESH_SCRIPT], env=env, cwd=root,
-                         check=False, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    out = run_on_8_devices(MODEL_MESH_SCRIPT)
+    line = [ln for ln in out.splitlines() if ln.startswith("RESULT")][-1]
     _, loss_err, grad_err, local = line.split()
     assert float(loss_err) < 1e-5 and float(grad_err) < 1e-4 and local == "True", line

@@ -6,7 +6,6 @@ Hessian refresh, metrics rows), on the embedded corpus with the byte tokenizer.
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -14,6 +13,7 @@ from conftest import tiny_cfg
 
 from jaxllm.config import tiny
 from jaxllm.train.loop import train
+from tests.fault_tools import rows as metrics_rows
 
 # Peak learning rates for the tiny model (tiny_cfg: d_model 32, 2 layers, seq 32, batch 4).
 LR = {"adamw": 3e-3, "lion": 1e-3, "sophia_g": 3e-3, "sophia_h": 3e-3, "adam8bit": 3e-3,
@@ -26,10 +26,8 @@ def run(tmp_path, name, steps, **model):
     cfg.optim.update(name=name, lr=LR[name], warmup_steps=10)
     cfg.train.update(steps=steps, log_every=10, eval_every=steps // 4, eval_batches=2)
     cfg.checkpoint.every = 0
-    workdir = tmp_path / name
-    train(cfg, str(workdir))
-    with open(workdir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
+    train(cfg, str(tmp_path / name))
+    return metrics_rows(tmp_path / name)
 
 
 @pytest.mark.parametrize("name", list(LR))
@@ -70,8 +68,7 @@ def test_adam8bit_within_2_percent_of_adamw_every_logged_step_tiny_config(tmp_pa
         cfg.checkpoint.every = 0
         cfg.log.update(progress=False, tensorboard=False)
         train(cfg, str(tmp_path / name))
-        with open(tmp_path / name / "metrics.jsonl") as f:
-            rows[name] = [json.loads(line) for line in f]
+        rows[name] = metrics_rows(tmp_path / name)
     assert next(r for r in rows["adam8bit"] if r.get("event") == "start")["opt_state_bytes"] \
         < 0.3 * next(r for r in rows["adamw"] if r.get("event") == "start")["opt_state_bytes"]
     def losses(name, split):
