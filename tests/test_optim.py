@@ -61,7 +61,7 @@ def test_resolved_defaults_follow_reference_and_overrides():
             hp["adamw"]["weight_decay"]) == (6e-4, 0.9, 0.95, 0.1)
     assert hp["adam8bit"]["lr"] == 6e-4 and hp["adam8bit"]["block_size"] == 256
     assert (hp["lion"]["b1"], hp["lion"]["b2"]) == (0.95, 0.98)
-    # REFERENCE: lion lr 3-10x smaller and wd 3-10x larger than AdamW.
+    # Chen et al. 2023 (Lion): lr 3-10x smaller and wd 3-10x larger than AdamW.
     assert 3 <= hp["adamw"]["lr"] / hp["lion"]["lr"] <= 10
     assert 3 <= hp["lion"]["weight_decay"] / hp["adamw"]["weight_decay"] <= 10
     for n, gamma in (("sophia_g", 0.05), ("sophia_h", 0.01)):

@@ -6,7 +6,8 @@ step whose gradients hold a NaN/Inf returns zero updates and leaves the whole op
 state unchanged. The train step builds it without that wrapper: its guard
 (`jaxllm/train/guard.py`) skips such steps, and loss spikes, for params and state at once.
 
-Per-optimizer defaults for the `None` placeholders of `cfg.optim` (REFERENCE.md):
+Per-optimizer defaults for the `None` placeholders of `cfg.optim` (from the papers and nanoGPT
+named in the last column):
 
 | name     | lr   | b1    | b2    | eps   | weight_decay | other                      |
 |----------|------|-------|-------|-------|--------------|----------------------------|

@@ -1,7 +1,7 @@
 """Sophia: clipped diagonal-Hessian preconditioning, and its two Hessian estimators.
 
 Liu, Li, Hall, Liang, Ma, "Sophia: A Scalable Stochastic Second-order Optimizer for
-Language Model Pre-training" (2023). Per step (REFERENCE.md):
+Language Model Pre-training" (2023). Per step:
 
     m <- b1·m + (1-b1)·g
     every k steps:  h <- b2·h + (1-b2)·ĥ          (ĥ a fresh diagonal-Hessian estimate)
@@ -47,8 +47,9 @@ per-shard gradients would overestimate ĥ by the number of shards. `jax.random`
 (threefry, partitionable) samples the same ŷ however the logits are sharded.
 
 optax.contrib.sophia is not used: it computes its own Hutchinson estimate from an
-`obj_fn` on a fixed internal schedule and uses `m / (γ·h + ε)`; here both variants share
-one update, the estimate comes from the train step, and the ratio is `m / max(γ·h, ε)`.
+`obj_fn` on a fixed internal schedule (its ratio, `m / max(γ·h, ε)` in optax 0.2.8, is the
+same as here); here both variants share one update and the estimate comes from the train
+step, which owns the model and the batch.
 """
 
 from __future__ import annotations
