@@ -144,19 +144,27 @@ def describe(cfg, name: str = "") -> dict:
     return row
 
 
-def measure(cfg, steps: int, warmup: int, name: str = "") -> dict:
-    """Time the real train step on a synthetic batch; a row of the table (status `ok`)."""
-    row = describe(cfg, name)
+def compile_train_step(cfg):
+    """The real train step compiled for `cfg`, its fresh state and a synthetic batch:
+    (compiled, state, batch, mesh, compile seconds). Call the step under
+    `parallel.activate(cfg, mesh)`."""
     mesh = parallel.make_mesh(cfg)
     tx = optim.build_optimizer(cfg, guard_nonfinite=False)  # the step guards
     model_def, state, shardings = init_state(cfg, mesh, tx)
-    fpt = row["flops_per_token"]
     batch = parallel.global_batch(synthetic_batch(cfg, cfg.train.batch_size), mesh)
     with parallel.activate(cfg, mesh):
         t0 = time.perf_counter()
         compiled = jit_train_step(cfg, model_def, tx, shardings, mesh).lower(
             state, batch).compile()
-        row["compile_s"] = time.perf_counter() - t0
+    return compiled, state, batch, mesh, time.perf_counter() - t0
+
+
+def measure(cfg, steps: int, warmup: int, name: str = "") -> dict:
+    """Time the real train step on a synthetic batch; a row of the table (status `ok`)."""
+    row = describe(cfg, name)
+    fpt = row["flops_per_token"]
+    compiled, state, batch, mesh, row["compile_s"] = compile_train_step(cfg)
+    with parallel.activate(cfg, mesh):
         row["compiled_memory_bytes"] = compiled_memory_bytes(compiled)
         row["donated_bytes"] = donated_bytes(compiled)
         for _ in range(warmup):
@@ -295,12 +303,17 @@ def run(base, sizes, seq_lens, pos_list, backends, *, batch=0, tokens_per_batch=
                                       "tables); attention share = 12*L*d*T / that"},
               "rows": rows}
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "bench.json"), "w") as f:
-            json.dump(report, f, indent=2)
-        with open(os.path.join(out_dir, "bench.md"), "w") as f:
-            f.write(markdown(report))
+        write_report(report, markdown(report), out_dir, "bench")
     return report
+
+
+def write_report(report: dict, md: str, out_dir: str, name: str) -> None:
+    """DIR/NAME.json (the report) and DIR/NAME.md (its table)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(md)
 
 
 def _gib(x):

@@ -70,6 +70,7 @@ def defaults() -> ConfigDict:
     m.attention_backend = "auto"  # auto | xla | cudnn | flash
     m.remat = "none"  # none | full | dots | dots_no_batch (activation checkpointing)
     m.scan_layers = True  # compile one block and scan it over layers
+    m.scan_unroll = 0  # blocks per scan step; 0 = auto: all on CPU (faster there), 1 elsewhere
 
     c.optim = o = ConfigDict()
     o.name = "adamw"  # adamw | lion | sophia_g | sophia_h | adam8bit | sgd
@@ -202,7 +203,8 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     m, _o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
     for key in ("model.d_model", "model.n_layers", "model.n_heads"):
         _typed(cfg, key, int, lo=1)
-    for key in ("model.n_kv_heads", "model.d_ff", "model.vocab_size", "model.max_position"):
+    for key in ("model.n_kv_heads", "model.d_ff", "model.vocab_size", "model.max_position",
+                "model.scan_unroll"):
         _typed(cfg, key, int, lo=0)
     _choice(cfg, "model.pos_encoding", POS_ENCODINGS)
     _choice(cfg, "model.activation", ACTIVATIONS)

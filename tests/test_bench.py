@@ -237,15 +237,19 @@ def _eqns(jaxpr):
                     yield from _eqns(inner)
 
 
-@pytest.mark.parametrize("remat,policies", [
-    ("none", ["None"]),  # only the chunked loss's checkpoint
-    ("dots_no_batch", ["DotsSaveable(only_if_no_batch_dims=True)", "None"]),
+@pytest.mark.parametrize("remat,loss_chunk,policies", [
+    ("none", 0, []),  # one logits chunk: computed directly, nothing recomputed
+    ("none", 16, ["None"]),  # only the chunked loss's checkpoint
+    ("dots_no_batch", 16, ["DotsSaveable(only_if_no_batch_dims=True)", "None"]),
+    ("dots_no_batch", 0, ["DotsSaveable(only_if_no_batch_dims=True)"]),
 ])
-def test_train_step_remat_policy_and_bf16_matmuls(remat, policies):
-    """The traced train step checkpoints the scanned block with the configured policy, and
-    with model.dtype=bfloat16 no matmul runs with two float32 operands."""
+def test_train_step_remat_policy_and_bf16_matmuls(remat, loss_chunk, policies):
+    """The traced train step checkpoints the scanned block with the configured policy and
+    each logits chunk when there are several, and with model.dtype=bfloat16 no matmul runs
+    with two float32 operands."""
     cfg = B.bench_config(defaults(), "tiny", 32, "rope", "xla", 2, 256)
     cfg.model.remat = remat
+    cfg.train.loss_chunk = loss_chunk
     mesh = parallel.make_mesh(cfg, jax.devices()[:1])
     tx = optim.build_optimizer(cfg)
     model_def, tree, _ = abstract_state(cfg, mesh, tx)
@@ -324,3 +328,51 @@ def test_parent_leaves_device_memory_to_isolated_children(monkeypatch):
     monkeypatch.setattr(B, "_parent_env", {})
     B.keep_parent_light()
     assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in B._child_env()
+
+
+def test_vs_torch_smoke_tiny(tmp_path):
+    """`bench.py --vs_torch --tiny`: eager PyTorch (nanoGPT's architecture) and jaxllm train
+    the same tiny shape in interleaved worker processes; both rows are complete, the two
+    models have the same parameter count (same architecture), and both start at ~ln(vocab)
+    on uniform random tokens. No timing is checked."""
+    pytest.importorskip("torch")
+    out = tmp_path / "vt"
+    r = _bench("--vs_torch", "--tiny", "--notorch_compile", "--steps=2", "--rounds=2",
+               "--warmup=1", f"--out={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "vs_torch.json").read_text())
+    rows = report["rows"]
+    assert [x["impl"] for x in rows] == ["torch_eager", "jaxllm"]
+    assert report["meta"]["rounds"] == 2 and report["meta"]["steps_per_round"] == 1
+    for x in rows:
+        assert x["status"] == "ok", x
+        assert x["steps"] == 2 and x["step_ms_min"] <= x["step_ms"] <= x["step_ms_max"]
+        assert x["tokens_per_step"] == 2 * 16
+        assert abs(x["loss"] - np.log(64)) < 0.2  # uniform random tokens, ~4 steps in
+    assert rows[0]["params"] == rows[1]["params"]
+    assert rows[0]["vs_eager"] == 1.0
+    assert rows[1]["vs_eager"] == pytest.approx(rows[0]["step_ms"] / rows[1]["step_ms"])
+    md = (out / "vs_torch.md").read_text()
+    assert "| d32 L2 T16 | " in md and "| jaxllm (jax.jit) |" in md and md in r.stdout + "\n"
+
+
+def test_vs_torch_without_torch_reports_rows_not_a_crash(tmp_path, monkeypatch):
+    """Where torch cannot be imported, its rows say so (status `unavailable`, the import
+    error) and jaxllm's row is still measured; bad --rounds is a flag error (exit 2)."""
+    from jaxllm import vs_torch as V
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "torch.py").write_text("raise ImportError('torch is not installed here')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("XLA_FLAGS", FAST_XLA)
+    report = V.compare(defaults(), V.TINY_SHAPES, V.IMPLS, rounds=1, steps_per_round=1,
+                       warmup=0, echo=lambda s: None)
+    rows = {x["impl"]: x for x in report["rows"]}
+    for impl in ("torch_eager", "torch_compile"):
+        assert rows[impl]["status"] == "unavailable"
+        assert rows[impl]["error"] == "ImportError: torch is not installed here"
+    assert rows["jaxllm"]["status"] == "ok" and rows["jaxllm"]["vs_eager"] is None
+    assert "| unavailable: ImportError: torch is not installed here |" in V.markdown(report)
+    r = _bench("--vs_torch", "--tiny", "--rounds=0")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+        "error: --steps and --rounds must be >= 1")

@@ -120,3 +120,31 @@ def test_every_combination_trains(pos, act):
     losses = _train_losses(cfg, 20)
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_scan_unroll_keeps_parameters_loss_and_gradients():
+    """`model.scan_unroll` only changes how XLA runs the stacked blocks: the parameter tree
+    (so checkpoints) is the same, and loss and gradients agree with the rolled loop (1),
+    a partial unroll (2 of 4) and the CPU default (0 = all 4 blocks)."""
+    from jaxllm.model.transformer import scan_unroll
+    x = jnp.asarray(np.random.default_rng(3).integers(0, 256, (2, 32)), jnp.int32)
+    out, trees = {}, {}
+    for unroll in (1, 2, 0):
+        _, model = build(n_layers=4, scan_unroll=unroll)
+        assert model.unroll == {1: 1, 2: 2, 0: 4}[unroll]  # this test runs on CPU
+        graphdef, state = nnx.split(model)
+        trees[unroll] = jax.tree.map(lambda a: (a.shape, a.dtype), nnx.to_pure_dict(state))
+
+        def loss(p, graphdef=graphdef):
+            logits = nnx.merge(graphdef, p)(x[:, :-1])
+            return -jnp.take_along_axis(jax.nn.log_softmax(logits), x[:, 1:, None], -1).mean()
+        out[unroll] = jax.jit(jax.value_and_grad(loss))(nnx.to_pure_dict(state))
+    assert trees[1] == trees[2] == trees[0]
+    for unroll in (2, 0):
+        np.testing.assert_allclose(out[unroll][0], out[1][0], rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(out[unroll][1]), jax.tree.leaves(out[1][1]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    cfg = tiny_cfg(n_layers=12)
+    assert [scan_unroll(cfg.model, p) for p in ("cpu", "gpu", "tpu")] == [12, 1, 1]
+    cfg.model.scan_unroll = 3
+    assert [scan_unroll(cfg.model, p) for p in ("cpu", "gpu")] == [3, 3]

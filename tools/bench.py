@@ -6,9 +6,14 @@
     python tools/bench.py --preset=nanogpt                  # GPT-2 124M, T=1024, 16 seq/device
     python tools/bench.py --tiny --out=/tmp/b               # seconds, on CPU (the test suite)
     python tools/bench.py --config=configs/mpt_style.py --config.model.remat=dots ...
+    python tools/bench.py --vs_torch --out=bench/     # CPU: jaxllm vs nanoGPT's model in PyTorch
 
 Rows are medians over --steps timed steps after --warmup steps; the table, bench.json and
 bench.md (in --out) have the columns of MosaicML's llm-foundry throughput table.
+--vs_torch (needs torch: pip install jaxllm[bench]) trains three fixed GPT-2-style shapes
+(jaxllm.vs_torch.SHAPES; one tiny shape with --tiny) with jaxllm and with nanoGPT's
+architecture in PyTorch (eager and torch.compile), interleaved in --rounds rounds of
+--steps/--rounds steps each, and writes vs_torch.json and vs_torch.md.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ flags.DEFINE_bool("tiny", False, "a tiny grid that runs on CPU in seconds (flags
 flags.DEFINE_enum("isolate", "auto", ["auto", "yes", "no"],
                   "one subprocess per configuration (per-config peak memory, OOM as a row); "
                   "auto = on accelerators")
+flags.DEFINE_bool("vs_torch", False, "CPU: jaxllm vs nanoGPT's architecture in PyTorch")
+flags.DEFINE_integer("rounds", 5, "--vs_torch: interleaved rounds (implementations take turns)")
+flags.DEFINE_bool("torch_compile", True, "--vs_torch: also time torch.compile")
 flags.DEFINE_enum("preset", "", ["", "nanogpt"],
                   "nanogpt: GPT-2 124M, learned positions, T=1024, 16 sequences per device, "
                   "printed beside the nanoGPT/JAX anchor measured on one H200")
@@ -53,6 +61,22 @@ def _ints(name):
         return [int(v) for v in FLAGS[name].value]
     except ValueError:
         _fail(f"--{name}: must be comma-separated integers, got {','.join(FLAGS[name].value)}")
+
+
+def _vs_torch(base):
+    from jaxllm import vs_torch as V
+    steps = FLAGS.steps if FLAGS["steps"].present or not FLAGS.tiny else 2
+    rounds = FLAGS.rounds if FLAGS["rounds"].present or not FLAGS.tiny else 2
+    if steps < 1 or rounds < 1 or FLAGS.warmup < 0:
+        _fail(f"--steps and --rounds must be >= 1, --warmup >= 0 "
+              f"(got {steps}, {rounds}, {FLAGS.warmup})")
+    impls = [i for i in V.IMPLS if FLAGS.torch_compile or i != "torch_compile"]
+    report = V.compare(base, V.TINY_SHAPES if FLAGS.tiny else V.SHAPES, impls,
+                       rounds=rounds, steps_per_round=max(steps // rounds, 1),
+                       warmup=FLAGS.warmup, out_dir=FLAGS.out,
+                       echo=lambda s: print(s, flush=True))
+    print()
+    print(V.markdown(report), end="")
 
 
 def main(argv=None):
@@ -76,6 +100,8 @@ def main(argv=None):
 
         from jaxllm import benchmark as B
 
+        if FLAGS.vs_torch:
+            return _vs_torch(base)
         if FLAGS.isolate != "no":  # before JAX starts: children need the device memory
             B.keep_parent_light()
         opts = {"sizes": FLAGS.sizes, "seq_lens": _ints("seq_lens"), "pos": FLAGS.pos,

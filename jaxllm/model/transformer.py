@@ -1,7 +1,10 @@
 """The decoder-only transformer (pre-norm), nanoGPT-sized in one file.
 
 Blocks are stacked along a leading `layers` axis and run with `jax.lax.scan` (one block is
-compiled once), under `jax.checkpoint` with the configured remat policy.
+compiled once), under `jax.checkpoint` with the configured remat policy. On CPU the scan is
+unrolled by default (`model.scan_unroll`): XLA:CPU runs a while loop over layers slower
+than straight-line code (no fusion across iterations, a dynamic slice of every stacked
+weight and residual per iteration), while the parameters keep their stacked layout.
 """
 
 from __future__ import annotations
@@ -13,6 +16,14 @@ from flax import nnx
 from jaxllm.config import resolved_d_ff
 from jaxllm.model.attention import Attention
 from jaxllm.model.layers import DTYPES, MLP, Embed, Norm, constrain, param
+
+def scan_unroll(m, platform: str | None = None) -> int:
+    """Blocks per `lax.scan` iteration: `model.scan_unroll`, or for 0 all of them on CPU and
+    one elsewhere (accelerators keep the compact loop: compile time, same step speed)."""
+    if m.scan_unroll:
+        return min(m.scan_unroll, m.n_layers)
+    return m.n_layers if (platform or jax.default_backend()) == "cpu" else 1
+
 
 REMAT_POLICIES = {
     "full": None,
@@ -43,6 +54,7 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.dtype, pd = DTYPES[m.dtype], DTYPES[m.param_dtype]
         self.n_layers, self.scan, self.remat = m.n_layers, m.scan_layers, m.remat
+        self.unroll = scan_unroll(m)
         self.embed = Embed(m.vocab_size, m.d_model, ("vocab", "embed"), m.init_std, self.dtype,
                            pd, rngs)
         self.pos_embed = (Embed(m.max_position or cfg.data.seq_len, m.d_model, (None, "embed"),
@@ -92,7 +104,7 @@ class Transformer(nnx.Module):
             def scan_fn(x, xs):
                 state_l, cache_l = xs
                 return body(x, (state_l, segment_ids, positions, cache_l))
-            x, new_cache = jax.lax.scan(scan_fn, x, (state, layer_cache))
+            x, new_cache = jax.lax.scan(scan_fn, x, (state, layer_cache), unroll=self.unroll)
             if cache is not None:
                 new_cache["index"] = new_cache["index"][0]
         else:

@@ -32,18 +32,23 @@ def token_nll(model, h, targets, weights, chunk: int):
 
     Chunks run one after another (`lax.map`) under `jax.checkpoint`, so the backward pass
     recomputes each chunk's logits instead of keeping [B, T, vocab] float32 for all tokens.
+    One chunk (the whole sequence) is computed directly: a one-step loop and a recompute
+    would only cost time (a while loop on CPU, a second logits matmul).
     """
     b, t, d = h.shape
     chunk = chunk_size(t, chunk)
     n = t // chunk
 
-    @jax.checkpoint
     def one(hc, tc):
         logits = model.logits(hc)
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         return lse - tgt, lse
 
+    if n == 1:
+        nll, lse = one(h, targets)
+        return (nll * weights).sum(), (lse * lse * weights).sum(), nll
+    one = jax.checkpoint(one)
     hs = h.reshape(b, n, chunk, d).swapaxes(0, 1)
     ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
     nll, lse = jax.lax.map(lambda xs: one(*xs), (hs, ts))
