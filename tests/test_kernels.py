@@ -298,15 +298,15 @@ def test_cudnn_rejects_float32_and_unknown_segment_mode():
     ("gpu", False, jnp.bfloat16, "cudnn"), ("gpu", False, jnp.float16, "cudnn"),
     ("gpu", True, jnp.bfloat16, "flash"), ("gpu", False, jnp.float32, "flash"),
     ("rocm", False, jnp.bfloat16, "flash"), ("cpu", False, jnp.bfloat16, "xla"),
-    ("cpu", True, jnp.float32, "xla"), ("tpu", True, jnp.bfloat16, "xla"),
-    ("tpu", False, jnp.bfloat16, "xla"),
+    ("cpu", True, jnp.float32, "xla"), ("tpu", True, jnp.bfloat16, "flash"),
+    ("tpu", False, jnp.bfloat16, "splash"), ("tpu", False, jnp.float32, "splash"),
 ])
 def test_resolve_backend_auto_choices(platform, alibi, dtype, want):
     assert kernels.resolve_backend("auto", alibi=alibi, platform=platform, dtype=dtype) == want
 
 
 def test_resolve_backend_names_and_errors():
-    for name in ("xla", "cudnn", "flash"):
+    for name in ("xla", "cudnn", "flash", "splash"):
         assert kernels.resolve_backend(name, alibi=True, platform="cpu") == name
     assert kernels.resolve_backend("auto", alibi=False) == "xla"  # this CPU test host
     with pytest.raises(ValueError, match="unknown attention backend 'fast'; allowed: auto, xla"):

@@ -79,12 +79,6 @@ class _Cfg:
     num_stages: int
 
 
-def _dot(a, b, contract=(1, 0)):
-    """a @ b contracting a's dim contract[0] with b's dim contract[1], float32 accumulation."""
-    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                           precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-
-
 def _plan(cls):
     """[B, m, n] classes -> [B, m, n + 2]: each row's classes, then its [lo, hi) tile range."""
     idx = jnp.arange(cls.shape[2], dtype=jnp.int32)
@@ -107,7 +101,7 @@ def _tile_loop(plan_ref, visit, carry):
 
 def _scores(q, k, q_pos, kv_pos, slope, cfg):
     """Base-2 logits of a [bq, bk] tile (tiles.logits2)."""
-    return tiles.logits2(_dot(q, k, (1, 1)), cfg.scale, slope if cfg.alibi else None,
+    return tiles.logits2(tiles.dot(q, k, (1, 1)), cfg.scale, slope if cfg.alibi else None,
                          q_pos[:, None], kv_pos[None, :])
 
 
@@ -135,7 +129,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, plan_ref, *
         if masked:
             p = jnp.where(mask, p, 0.0)
         corr = jnp.exp2(m - m_new)
-        acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
+        acc = acc * corr[:, None] + tiles.dot(p.astype(v.dtype), v)
         return acc, m_new, row_sum * corr + jnp.sum(p, axis=1)
 
     init = (jnp.zeros((bq, dp), jnp.float32), jnp.full((bq,), tiles.MASKED, jnp.float32),
@@ -159,8 +153,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, qp_ref, 
         p = jnp.exp2(_scores(q, k, q_pos, kv_pos, slope, cfg) - lse[:, None])
         if masked:
             p = jnp.where(_tile_mask(q_seg, q_pos, ks_ref[sl], kv_pos, cfg.causal), p, 0.0)
-        ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k)
+        ds = p * (tiles.dot(do, v, (1, 1)) - delta[:, None])
+        return dq + tiles.dot(ds.astype(k.dtype), k)
 
     dq = _tile_loop(plan_ref, visit, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
@@ -181,9 +175,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, qp_ref,
             p = jnp.exp2(_scores(q, k, q_pos, kv_pos, slope, cfg) - lse_ref[g, sl][:, None])
             if masked:
                 p = jnp.where(_tile_mask(qs_ref[sl], q_pos, kv_seg, kv_pos, cfg.causal), p, 0.0)
-            dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
-            ds = p * (_dot(do, v, (1, 1)) - delta_ref[g, sl][:, None])
-            return dk + _dot(ds.astype(q.dtype), q, (0, 0)), dv
+            dv = dv + tiles.dot(p.astype(do.dtype), do, (0, 0))
+            ds = p * (tiles.dot(do, v, (1, 1)) - delta_ref[g, sl][:, None])
+            return dk + tiles.dot(ds.astype(q.dtype), q, (0, 0)), dv
 
         return _tile_loop(plan_ref, visit, carry)
 
@@ -327,7 +321,7 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % kh:
         raise ValueError(f"flash attention: expected q [B,T,H,D], k/v [B,S,K,D] with H % K == 0; "
                          f"got q {q.shape}, k {k.shape}, v {v.shape}")
-    if interpret is None and placement.target_platform() == "tpu":
+    if placement.target_platform() == "tpu" and not placement.interpret_default(interpret):
         raise ValueError("flash attention: this Pallas kernel lowers to Triton (GPU); on TPU "
                          "kernels.attention runs kernels/flash_tpu.py (or pass interpret=True)")
     interpret = placement.interpret_default(interpret)

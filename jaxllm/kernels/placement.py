@@ -4,7 +4,8 @@
 default JAX backend, unless code is traced inside `lowering_for("tpu")` (or "cuda",
 "rocm"). That lets a CPU-only host export a program for hardware it does not have
 (`jax.export.export(..., platforms=["tpu"])`): `auto` then resolves as on that platform
-and Pallas kernels lower to Mosaic or Triton instead of running in the interpreter.
+and Pallas kernels lower to Mosaic or Triton instead of running in the interpreter. The
+choice is read while tracing: a function jitted inside the context keeps it in its cache.
 
 `per_shard` runs a kernel under `jax.shard_map`: a `pallas_call` has no SPMD partitioning
 rule, so under a multi-device `jax.jit` XLA would gather its operands onto every device.
@@ -17,27 +18,33 @@ import contextvars
 
 import jax
 
-_PLATFORM = contextvars.ContextVar("jaxllm_kernel_platform", default=None)
+_TARGET = contextvars.ContextVar("jaxllm_kernel_target", default=(None, None))
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 
 def target_platform() -> str:
-    return _PLATFORM.get() or jax.default_backend()
+    return _TARGET.get()[0] or jax.default_backend()
 
 
 @contextlib.contextmanager
-def lowering_for(platform: str):
-    """Trace attention (backend choice, kernel lowering) for `platform` on any host."""
-    token = _PLATFORM.set(platform)
+def lowering_for(platform: str, *, interpret: bool = False):
+    """Trace attention (backend choice, kernel lowering) for `platform` on any host.
+    `interpret=True` runs that platform's Pallas kernels in the interpreter instead, so a
+    CPU host can execute the program exactly as chosen for `platform` (tests)."""
+    token = _TARGET.set((platform, interpret))
     try:
         yield
     finally:
-        _PLATFORM.reset(token)
+        _TARGET.reset(token)
 
 
 def interpret_default(interpret: bool | None) -> bool:
-    """Pallas interpreter on CPU hosts (tests), compiled kernels on accelerators."""
-    return target_platform() == "cpu" if interpret is None else bool(interpret)
+    """Pallas interpreter on CPU hosts (tests), compiled kernels on accelerators, unless
+    `lowering_for(..., interpret=True)` or the caller says otherwise."""
+    if interpret is not None:
+        return bool(interpret)
+    platform, forced = _TARGET.get()
+    return bool(forced) if platform else jax.default_backend() == "cpu"
 
 
 def per_shard(run, args, shard_axes, name: str):

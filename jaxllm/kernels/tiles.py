@@ -2,6 +2,7 @@
 
 These are the decisions every flash kernel here makes, written once and independent of
 any Pallas backend:
+- `dot`: tile matmuls with float32 accumulation;
 - `visible`: which (query, key) pairs attend: same document (equal segment ids), key not
   padding (id 0) and, when causal, `kv_pos <= q_pos`;
 - `logits2`: base-2 logits `(q.k * scale + slope * (kv_pos - q_pos)) * log2(e)` (ALiBi,
@@ -20,9 +21,17 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+from jax import lax
 
 LOG2E = math.log2(math.e)
 MASKED = -1e30  # finite "minus infinity": keeps exp2(m_old - m_new) free of inf - inf
+
+
+def dot(a, b, contract=(1, 0)):
+    """a @ b contracting a's dim contract[0] with b's dim contract[1], float32 accumulation
+    at full float32 precision (TPUs otherwise multiply float32 in bfloat16 passes)."""
+    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                           precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
 def visible(q_seg, q_pos, kv_seg, kv_pos, causal: bool):
