@@ -33,7 +33,7 @@ def resolve_backend(backend: str, *, alibi: bool, platform: str | None = None,
     """The backend `auto` stands for on this platform; other names pass through (checked).
 
     GPU: `cudnn` for bfloat16/float16 without ALiBi (cuDNN's fused kernels); `flash` with
-    ALiBi (cuDNN would need a dense [B, H, T, S] bias: 2.2-4.4x slower measured on an H200)
+    ALiBi (cuDNN would need a dense [B, H, T, S] bias, measured 2.2-4.4x slower on an H200)
     and for float32 (cuDNN flash attention takes only half precision); `flash` on ROCm.
     TPU: `splash` (splash attention, as MaxText) without ALiBi, `flash` (the Mosaic ALiBi
     kernel) with it. CPU and anything else: `xla`.
