@@ -120,6 +120,17 @@ def test_tpu_backends_reject_what_they_cannot_do():
         flash_tpu.attention(q[:, :, :1], k, v, ids, ids, ids, ids)
 
 
+def test_config_accepts_every_backend_and_only_those():
+    from jaxllm import config
+    assert config.BACKENDS == kernels.BACKENDS
+    cfg = config.tiny()
+    cfg.model.attention_backend = "splash"
+    config.validate(cfg)
+    cfg.model.attention_backend = "mosaic"
+    with pytest.raises(config.ConfigError, match="model.attention_backend.*splash"):
+        config.validate(cfg)
+
+
 def test_splash_decoding_over_a_cache_uses_the_reference():
     """T != S (a KV cache): splash's causal mask is by index, so the backend runs xla."""
     rng = np.random.default_rng(7)
