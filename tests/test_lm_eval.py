@@ -225,3 +225,76 @@ def test_model_args_errors(lm, workdir, tmp_path):
     ]:
         with pytest.raises(ConfigError, match=msg):
             JaxllmLM.create_from_arg_string(args)
+
+
+@pytest.fixture
+def local_tasks_only(monkeypatch):
+    """lm-eval's task index without its thousands of built-in YAMLs (they take a while to
+    index and none is used here)."""
+    import lm_eval.tasks
+
+    class Local(lm_eval.tasks.TaskManager):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **{**kw, "include_defaults": False})
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Local)
+
+
+def test_jaxllm_eval_reports_lm_eval_metrics_with_bpb(workdir, tasks, results, tmp_path,
+                                                      capsys, local_tasks_only):
+    from jaxllm.cli.eval import main
+    out = tmp_path / "r.json"
+    main([f"--workdir={workdir}", "--max_bytes=500", "--batch_size=4",
+          "--lm_eval_tasks=jx_mc,jx_roll", f"--lm_eval_include={tasks[0]}", f"--out={out}"])
+    text = capsys.readouterr().out
+    assert "| bits per byte |" in text and "| lm-eval task | n | acc | acc_norm |" in text
+    r = json.loads(out.read_text())
+    rows = {t["task"]: t for t in r["lm_eval"]}
+    assert r["bpb"] > 0 and rows["jx_mc"]["n"] == len(MC_ITEMS)
+    assert rows["jx_mc"]["acc"] == results["results"]["jx_mc"]["acc,none"]
+    assert rows["jx_mc"]["acc_norm"] == results["results"]["jx_mc"]["acc_norm,none"]
+    assert rows["jx_roll"]["bits_per_byte"] == pytest.approx(
+        results["results"]["jx_roll"]["bits_per_byte,none"], rel=1e-6)
+    for args, msg in [
+        (["--lm_eval_tasks=jx_mc,nope"], "--lm_eval_tasks: unknown task 'nope'"),
+        (["--lm_eval_tasks=jx_mc", f"--lm_eval_include={tmp_path / 'none'}"],
+         "--lm_eval_include:"),
+        (["--lm_eval_tasks=jx_mc", "--lm_eval_limit=-1"], "--lm_eval_limit"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main([f"--workdir={workdir}", f"--lm_eval_include={tasks[0]}", *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and msg in err, (args, err)
+        assert err.count("\n") == 1
+
+
+def test_ablation_rows_carry_lm_eval_metrics(workdir, tasks, results, tmp_path):
+    from jaxllm import experiments
+    from jaxllm.eval.restore import load_run_config
+
+    cfg = load_run_config(str(workdir))
+    ev = {"max_bytes": 500, "batch_size": 4, "lm_eval_tasks": "jx_mc,jx_roll",
+          "lm_eval_include": str(tasks[0])}
+    row = experiments.run_cell("cell", {}, cfg, str(workdir), ev)
+    assert row["status"] == "evaluated"
+    assert row["jx_mc_acc"] == results["results"]["jx_mc"]["acc,none"]
+    assert row["jx_roll_bits_per_byte"] == pytest.approx(
+        results["results"]["jx_roll"]["bits_per_byte,none"], rel=1e-6)
+    experiments.write_results([row], str(tmp_path), [])
+    header = (tmp_path / "results.md").read_text().splitlines()[0]
+    assert "jx_mc_acc_norm" in header and "jx_roll_bits_per_byte" in header
+
+
+def test_jaxllm_lm_eval_command(workdir, tasks, results, capsys, local_tasks_only):
+    """lm-eval's own command line with `--model jaxllm`; bad model args exit 2, one line."""
+    from jaxllm.cli.lm_eval_cli import main
+    main(["--model", "jaxllm", "--model_args", f"workdir={workdir},batch_size=4",
+          "--tasks", "jx_mc", "--include_path", str(tasks[0])])
+    out = capsys.readouterr().out
+    acc = results["results"]["jx_mc"]["acc,none"]
+    assert "jaxllm" in out and any("jx_mc" in ln and f"{acc:.4f}" in ln
+                                   for ln in out.splitlines()), out
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "jaxllm", "--model_args", "workdir=/nonexistent", "--tasks", "jx_mc",
+              "--include_path", str(tasks[0])])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: --workdir: /nonexistent is not a directory" in err

@@ -234,3 +234,49 @@ class JaxllmLM(TemplateLM):
                             top_p=float(kw.get("top_p") or 1.0),
                             vocab_limit=self.run.tokenizer.vocab_size, lengths=lengths)
         return np.asarray(jax.device_get(toks))
+
+
+def task_manager(names: list[str], include_path: str = ""):
+    """lm-eval's TaskManager for `names`: the `include_path` folder alone when it defines
+    them all (indexing lm-eval's thousands of built-in YAMLs takes a while), else the
+    built-in tasks plus that folder. Unknown names are a ConfigError."""
+    from lm_eval.tasks import TaskManager
+
+    tm = None
+    if include_path:
+        tm = TaskManager(include_path=include_path, include_defaults=False)
+    if tm is None or not set(names) <= set(tm.all_tasks):
+        tm = TaskManager(include_path=include_path or None)
+    missing = [n for n in names if n not in tm.all_tasks]
+    if missing:
+        where = f" or in {include_path}" if include_path else ""
+        raise ConfigError(f"--lm_eval_tasks: unknown task {missing[0]!r} (not in lm-eval "
+                          f"{lm_eval_version()}'s tasks{where}; `lm-eval ls tasks` lists them)")
+    return tm
+
+
+def lm_eval_version() -> str:
+    import lm_eval
+    return lm_eval.__version__
+
+
+def evaluate_tasks(run, names: list[str], tm=None, *, batch_size: int = 8,
+                   max_length: int | None = None, limit: int = 0) -> list[dict]:
+    """Run lm-eval tasks (or groups) on a restored run: one row per task with lm-eval's
+    metrics (filter `none`; other filters as `metric,filter`) and `n`, the documents scored;
+    `limit` > 0 scores only the first documents of each task. `tm`: a `task_manager`."""
+    import lm_eval
+
+    tm = tm or task_manager(names)
+    lm = JaxllmLM(run=run, batch_size=batch_size, max_length=max_length)
+    res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm,
+                                  limit=limit or None)
+    rows = []
+    for task, metrics in res["results"].items():
+        row = {"task": task, "n": res.get("n-samples", {}).get(task, {}).get("effective")}
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if "," in key and not metric.endswith("_stderr") and isinstance(value, (int, float)):
+                row[metric if filt == "none" else key] = float(value)
+        rows.append(row)
+    return rows
