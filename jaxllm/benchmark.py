@@ -41,7 +41,8 @@ SIZES = {"124m": (768, 12, 12), "350m": (1024, 24, 16), "760m": (1536, 24, 16),
 GPT2_VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64 (nanoGPT)
 TINY = {"sizes": ["tiny"], "seq_lens": [64, 128], "pos": ["rope", "alibi"], "batch": 2,
         "steps": 3, "warmup": 1, "vocab": 256}
-# REFERENCE.md anchor: GPT-2 124M, T=1024, batch 16 per device, bf16, on one H200.
+# Anchor: GPT-2 124M, T=1024, batch 16 per device, bf16, both measured side by side on one H200
+# (nanoGPT with torch.compile, and plain JAX with cuDNN attention, untuned).
 NANOGPT_ANCHOR = [
     {"system": "nanoGPT, torch.compile", "tokens_per_s_per_device": 488170, "mfu": 0.424},
     {"system": "plain JAX, cuDNN attention, no tuning", "tokens_per_s_per_device": 355248,

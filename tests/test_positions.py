@@ -14,7 +14,8 @@ def test_alibi_slopes_published_values():
     np.testing.assert_allclose(alibi_slopes(8), [2.0 ** -(i + 1) for i in range(8)], rtol=1e-7)
     np.testing.assert_allclose(alibi_slopes(16), [2.0 ** -(0.5 * (i + 1)) for i in range(16)],
                                rtol=1e-6)
-    # 12 heads: the 8-head slopes then 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5 (REFERENCE.md)
+    # 12 heads: the 8-head slopes then 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5 (Press et al. 2022, ALiBi,
+    # sec. 3: non-power-of-two head counts)
     want12 = [2.0 ** -(i + 1) for i in range(8)] + [2.0 ** -0.5, 2.0 ** -1.5, 2.0 ** -2.5,
                                                      2.0 ** -3.5]
     np.testing.assert_allclose(alibi_slopes(12), want12, rtol=1e-6)

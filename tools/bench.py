@@ -45,7 +45,7 @@ flags.DEFINE_enum("isolate", "auto", ["auto", "yes", "no"],
                   "auto = on accelerators")
 flags.DEFINE_enum("preset", "", ["", "nanogpt"],
                   "nanogpt: GPT-2 124M, learned positions, T=1024, 16 sequences per device, "
-                  "printed beside the nanoGPT/JAX anchor of REFERENCE.md")
+                  "printed beside the nanoGPT/JAX anchor measured on one H200")
 
 
 def _ints(name):
@@ -97,7 +97,7 @@ def main(argv=None):
         print()
         print(B.markdown(report), end="")
         if FLAGS.preset == "nanogpt":
-            print("\nAnchor (REFERENCE.md): GPT-2 124M, T=1024, batch 16, bf16, one H200:")
+            print("\nAnchor (measured side by side): GPT-2 124M, T=1024, batch 16, bf16, one H200:")
             for a in B.NANOGPT_ANCHOR:
                 print(f"  {a['system']}: {a['tokens_per_s_per_device']:,} tokens/s, "
                       f"MFU {100 * a['mfu']:.1f}%")

@@ -10,10 +10,10 @@ full 4 x 2 x 6 x 4 product: 192 cells). Restrict any axis with `--only=AXIS=a,b`
 
 Base: the tiny CPU config (jaxllm.config.tiny: 4 layers, d_model 128, seq_len 256, batch 16,
 byte tokens, the embedded Python stdlib corpus), shortened to 150 steps. The optimizer
-learning rates follow REFERENCE.md (Lion 10x smaller lr and 10x larger weight decay than
-AdamW; Sophia with its own defaults and short warmup at this scale). Note: the budget is in
-tokens (steps x batch x seq_len), so a subword tokenizer sees more text than bytes do; bits
-per byte on the same held-out text is what makes the cells comparable.
+learning rates follow Chen et al. 2023 for Lion (10x smaller lr and 10x larger weight
+decay than AdamW; Sophia with its own defaults and short warmup at this scale). Note: the
+budget is in tokens (steps x batch x seq_len), so a subword tokenizer sees more text than
+bytes do; bits per byte on the same held-out text is what makes the cells comparable.
 """
 
 from jaxllm.config import tiny

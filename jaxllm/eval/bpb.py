@@ -1,7 +1,7 @@
 """Bits per byte, per-token loss and perplexity of a checkpoint on held-out documents.
 
 BPB = (sum of token NLL in nats) / (sum of UTF-8 bytes of the text) / ln 2, summed over the
-whole evaluation text (REFERENCE.md; Gao et al. 2020, "The Pile", sec. 3.1). It is
+whole evaluation text (Gao et al. 2020, "The Pile", sec. 3.1). It is
 comparable across tokenizers; per-token loss is not.
 
 What is scored: every document of the split as the segment [EOS] + doc + [EOS] (the EOS

@@ -5,7 +5,7 @@ Two task kinds, one JSON object per line (a file holds one kind; blank lines are
 - multiple choice: `{"context": str, "choices": [str, ...], "label": int}`. Each choice is
   scored as the continuation `" " + choice` after the context; `acc` takes the argmax of the
   summed log-probability, `acc_norm` the argmax of that sum divided by the choice's length
-  in characters (`len(choice)`) (REFERENCE.md; Brown et al. 2020, sec. 2.4; the
+  in characters (`len(choice)`) (Brown et al. 2020, sec. 2.4; the
   lm-evaluation-harness convention). Conversions: HellaSwag `context = ctx`,
   `choices = endings`, `label = int(label)`; PIQA `context = "Question: " + goal +
   "\\nAnswer:"`, `choices = [sol1, sol2]`; ARC `context = "Question: " + question +

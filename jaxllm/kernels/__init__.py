@@ -28,7 +28,7 @@ def resolve_backend(backend: str, *, alibi: bool, platform: str | None = None,
     """The backend `auto` stands for on this platform; other names pass through (checked).
 
     GPU: `cudnn` for bfloat16/float16 without ALiBi (cuDNN's fused kernels); `flash` with
-    ALiBi (cuDNN would need a dense [B, H, T, S] bias, 2.2-4.4x slower, shared/REFERENCE.md)
+    ALiBi (cuDNN would need a dense [B, H, T, S] bias, measured 2.2-4.4x slower on an H200)
     and for float32 (cuDNN flash attention takes only half precision); `flash` on ROCm.
     CPU: `xla`.
     TPU: `xla` (XLA's fusions; the Pallas kernel here lowers to Triton, not Mosaic; a TPU

@@ -6,7 +6,7 @@ take causality and trailing padding natively (`is_causal`, `query_seq_lengths`,
 tensor, which JAX folds into one additive bias:
 - packed documents (several segment ids per row) need the boolean mask [B, 1, T, S];
 - ALiBi needs an explicit bias [B, H, T, S] in the input dtype. Measured on an H200
-  (shared/REFERENCE.md) this costs 2.2x (T=1024) to 4.4x (T=8192) the time of plain
+  this costs 2.2x (T=1024) to 4.4x (T=8192) the time of plain
   causal attention, which is why `auto` sends ALiBi to the fused `flash` kernel instead.
 
 `segments` picks how segment ids reach cuDNN:

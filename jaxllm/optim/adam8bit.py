@@ -39,7 +39,8 @@ import optax
 
 
 def dynamic_map(signed: bool) -> np.ndarray:
-    """The 256-entry dynamic quantization map (REFERENCE.md, bitsandbytes create_dynamic_map).
+    """The 256-entry dynamic quantization map (Dettmers et al. 2022, "8-bit Optimizers
+    via Block-wise Quantization"; bitsandbytes `create_dynamic_map`).
 
     For exponent i in 0..6, the midpoints of `linspace(0.1, 1, k + 1)` scaled by 10^(i-6),
     with k = 2^i points (signed, mirrored negative) or 2^(i+1) points (unsigned); plus 0 and

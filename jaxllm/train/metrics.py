@@ -1,6 +1,7 @@
 """FLOPs, MFU and the metrics sinks (metrics.jsonl, TensorBoard, optional W&B).
 
-MFU uses one formula everywhere (DESIGN.md): model FLOPs per token = 6*N + 12*L*d_model*T,
+MFU uses one formula everywhere (as PaLM, Chowdhery et al. 2022, app. B, and llm-foundry
+count it): model FLOPs per token = 6*N + 12*L*d_model*T,
 N the parameter count excluding position-embedding tables, attention counted in full.
 """
 

@@ -136,5 +136,8 @@ def make_eval_step(cfg, model_def):
 
 
 def bits_per_byte(nll_sum: float, n_bytes: float) -> float:
-    """BPB = (sum of token NLL in nats) / (sum of UTF-8 bytes) / ln 2 (REFERENCE.md)."""
+    """BPB = (sum of token NLL in nats) / (sum of UTF-8 bytes) / ln 2.
+
+    Gao et al. 2020, "The Pile", sec. 3.1: comparable across tokenizers.
+    """
     return nll_sum / max(n_bytes, 1) / math.log(2)
