@@ -9,7 +9,8 @@ Sources: the embedded corpus (`data.path == ""`), a prepared directory
 (`tools/prepare_data.py`), raw `.txt/.jsonl/.parquet` files or globs (prepared once into
 `.jaxllm_cache/` beside them), or a weighted mixture (`data.mixture = "a:3,b:1"`, mixed by
 `grain.MapDataset.mix`). Prepared data is split into train/eval by document
-(`prepare.eval_mask`); the embedded corpus by file name (`corpus.in_eval_split`).
+(`prepare.eval_mask`), or by tokens when it has too few documents for that (`token_cut`,
+a `data_split` event); the embedded corpus by file name (`corpus.in_eval_split`).
 
 Packing (`data.packing`):
 - `concat`: the split's documents, each followed by EOS, are concatenated and cut into
@@ -221,8 +222,62 @@ def load_split(cfg, tokenizer, split: str, path: str | None = None,
             token_stream(tokenizer, embedded_documents(split, cfg.data.eval_fraction)),
             tokenizer.eos_id)
     data = open_prepared(path, cfg, tokenizer, key)
+    cut = token_cut(data, cfg)
+    if cut is not None:  # too few documents to split by document: split by tokens
+        full = Split(data.doc_len + 1, doc_fn=data.doc)
+        return (token_range(full, 0, cut) if split == "train"
+                else token_range(full, cut, full.num_tokens))
     docs = np.flatnonzero(eval_mask(len(data), cfg.data.eval_fraction) == (split == "eval"))
     return Split(data.doc_len[docs] + 1, doc_fn=lambda j: data.doc(docs[j]))
+
+
+def token_cut(data: PreparedData, cfg) -> int | None:
+    """Where to cut a corpus into train | eval by tokens, or None to split by document.
+
+    The split is by document (`prepare.eval_mask`) unless that leaves a split with fewer
+    than seq_len + 2 tokens (a corpus of one document, or of a few): then the last
+    eval_fraction of the tokens (at least seq_len + 2) is held out. None too when
+    eval_fraction is 0 or the corpus is too small for two such splits."""
+    frac, need = cfg.data.eval_fraction, cfg.data.seq_len + 2
+    spans = data.doc_len + 1
+    in_eval = eval_mask(len(data), frac)
+    if frac <= 0 or min(spans[in_eval].sum(), spans[~in_eval].sum()) >= need:
+        return None
+    total = int(spans.sum())
+    n_eval = max(int(np.ceil(frac * total)), need)
+    return total - n_eval if total - n_eval >= need else None
+
+
+def token_range(full: Split, a: int, b: int) -> Split:
+    """Tokens [a, b) of `full`; its documents are the pieces of full's documents there."""
+    j0 = int(np.searchsorted(full.cum, a, side="right")) - 1
+    j1 = int(np.searchsorted(full.cum, b, side="left"))
+    starts = np.maximum(full.cum[j0:j1], a)
+    spans = np.minimum(full.cum[j0 + 1:j1 + 1], b) - starts
+
+    def doc(k):
+        lo = int(starts[k] - full.cum[j0 + k])
+        return full.doc(j0 + k)[lo:lo + int(spans[k])]
+    return Split(spans, doc_fn=doc)
+
+
+def split_events(cfg, tokenizer) -> list[dict]:
+    """`data_split` events for the datasets of a run that are split by tokens."""
+    if not cfg.data.path and not cfg.data.mixture:
+        return []
+    paths = ([p for p, _ in parse_mixture(cfg.data.mixture)] if cfg.data.mixture
+             else [cfg.data.path])
+    events = []
+    for p in paths:
+        data = open_prepared(p, cfg, tokenizer, "data.path")
+        cut = token_cut(data, cfg)
+        if cut is not None:
+            total = int((data.doc_len + 1).sum())
+            events.append({"event": "data_split", "path": p, "policy": "tokens",
+                           "documents": len(data), "train_tokens": cut,
+                           "eval_tokens": total - cut,
+                           "reason": "too few documents for a split by document"})
+    return events
 
 
 def _members(cfg, tokenizer, split: str) -> list[tuple[Split, float]]:

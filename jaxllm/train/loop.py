@@ -25,7 +25,7 @@ from tqdm import tqdm
 from jaxllm import optim, parallel
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import ConfigError, padded_vocab, validate
-from jaxllm.data.pipeline import make_pipeline
+from jaxllm.data.pipeline import make_pipeline, split_events
 from jaxllm.data.tokenizers import load_tokenizer
 from jaxllm.eval.sample import continuations
 from jaxllm.train import metrics as M
@@ -142,7 +142,7 @@ def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, nan_steps) -> dict:
                   "devices": jax.device_count(), "processes": jax.process_count(),
                   "mesh": dict(mesh.shape), "device_kind": jax.devices()[0].device_kind,
                   "flops_per_token": fpt, "resumed_from": restored_from})
-    for ev in events:
+    for ev in events + split_events(cfg, tokenizer):
         writer.write(ev)
     if step0 and step0 >= cfg.train.steps:
         _nothing_to_train(writer, step0, cfg.train.steps, lead)
