@@ -191,6 +191,8 @@ def _typed(cfg: ConfigDict, key: str, kind, *, lo=None, hi=None, optional=False)
     if kind is float:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     _check(ok, key, f"must be {name}, got {v!r}")
+    if kind is int:  # shapes, steps and counts become int32 on the device
+        _check(v < 2**31, key, f"must be < 2**31, got {v!r}")
     if lo is not None:
         _check(v >= lo, key, f"must be >= {lo}, got {v!r}")
     if hi is not None:

@@ -205,8 +205,13 @@ def open_prepared(path: str, cfg, tokenizer, key: str) -> PreparedData:
             try:
                 prepare(files, str(cache), cfg.data.tokenizer, text_field=cfg.data.text_field,
                         workers=1, progress=False)
-            except (OSError, ValueError):  # another process finished first: use its copy
+            except (OSError, ValueError) as e:  # another process finished first: use its copy
                 if not (cache / "manifest.json").exists():
+                    if isinstance(e, OSError):
+                        raise ValueError(
+                            f"cannot write the token cache ({cache}: {e.strerror}) [{key}]: "
+                            "prepare the data into a writable directory with "
+                            "tools/prepare_data.py and point data.path there") from None
                     raise
         data = PreparedData(str(cache), key)
     data.check_tokenizer(tokenizer, key)
