@@ -117,6 +117,7 @@ def defaults() -> ConfigDict:
     d.seq_len = 1024  # tokens per training sequence
     d.packing = "concat"  # concat (concat-then-split) | first_fit
     d.eval_fraction = 0.05  # share of documents held out for eval
+    d.valid_fraction = 0.0  # share held out for validation (e.g. lr choice); 0 = none
     d.mixture = ""  # "path1:weight,path2:weight" weighted mixture of prepared datasets
     d.text_field = "text"  # JSON Lines field / Parquet column holding the text
     d.prefetch = 2  # batches prepared ahead in a background thread
@@ -265,6 +266,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _typed(cfg, "data.seq_len", int, lo=2)
     _choice(cfg, "data.packing", PACKING)
     _typed(cfg, "data.eval_fraction", float, lo=0.0, hi=0.5)
+    _typed(cfg, "data.valid_fraction", float, lo=0.0, hi=0.5)
     _typed(cfg, "data.mixture", str)
     _typed(cfg, "data.text_field", str)
     _typed(cfg, "data.prefetch", int, lo=0)

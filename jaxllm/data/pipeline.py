@@ -9,8 +9,10 @@ Sources: the embedded corpus (`data.path == ""`), a prepared directory
 (`tools/prepare_data.py`), raw `.txt/.jsonl/.parquet` files or globs (prepared once into
 `.jaxllm_cache/` beside them), or a weighted mixture (`data.mixture = "a:3,b:1"`, mixed by
 `grain.MapDataset.mix`). Prepared data is split into train/eval by document
-(`prepare.eval_mask`), or by tokens when it has too few documents for that (`token_cut`,
-a `data_split` event); the embedded corpus by file name (`corpus.in_eval_split`).
+(`prepare.split_mask`), or by tokens when it has too few documents for that (`token_cuts`,
+a `data_split` event); the embedded corpus by file name (`corpus.split_of`). With
+`data.valid_fraction` > 0 a third split, `valid`, is cut from what was train (the eval
+documents stay the same); it is read like eval.
 
 Packing (`data.packing`):
 - `concat`: the split's documents, each followed by EOS, are concatenated and cut into
@@ -44,7 +46,7 @@ import numpy as np
 
 from jaxllm.config import ConfigError
 from jaxllm.data.corpus import embedded_documents, expand_inputs
-from jaxllm.data.prepare import PreparedData, cache_dir_for, eval_mask, prepare
+from jaxllm.data.prepare import PreparedData, cache_dir_for, prepare, split_mask
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "target_bytes")
 # Elements are cheap memory-mapped slices: two reader threads keep up, and grain's default
@@ -224,33 +226,38 @@ def load_split(cfg, tokenizer, split: str, path: str | None = None,
     path = cfg.data.path if path is None else path
     if not path:
         return Split.from_stream(
-            token_stream(tokenizer, embedded_documents(split, cfg.data.eval_fraction)),
+            token_stream(tokenizer, embedded_documents(split, cfg.data.eval_fraction,
+                                                       cfg.data.valid_fraction)),
             tokenizer.eos_id)
     data = open_prepared(path, cfg, tokenizer, key)
-    cut = token_cut(data, cfg)
-    if cut is not None:  # too few documents to split by document: split by tokens
+    cuts = token_cuts(data, cfg)
+    if cuts is not None:  # too few documents to split by document: split by tokens
         full = Split(data.doc_len + 1, doc_fn=data.doc)
-        return (token_range(full, 0, cut) if split == "train"
-                else token_range(full, cut, full.num_tokens))
-    docs = np.flatnonzero(eval_mask(len(data), cfg.data.eval_fraction) == (split == "eval"))
+        bounds = {"train": (0, cuts[0]), "valid": cuts, "eval": (cuts[1], full.num_tokens)}
+        return token_range(full, *bounds[split])
+    docs = np.flatnonzero(split_mask(len(data), split, cfg.data.eval_fraction,
+                                     cfg.data.valid_fraction))
     return Split(data.doc_len[docs] + 1, doc_fn=lambda j: data.doc(docs[j]))
 
 
-def token_cut(data: PreparedData, cfg) -> int | None:
-    """Where to cut a corpus into train | eval by tokens, or None to split by document.
+def token_cuts(data: PreparedData, cfg) -> tuple[int, int] | None:
+    """Token offsets (train end, valid end) of a split by tokens, or None to split by
+    document.
 
-    The split is by document (`prepare.eval_mask`) unless that leaves a split with fewer
-    than seq_len + 2 tokens (a corpus of one document, or of a few): then the last
-    eval_fraction of the tokens (at least seq_len + 2) is held out. None too when
-    eval_fraction is 0 or the corpus is too small for two such splits."""
-    frac, need = cfg.data.eval_fraction, cfg.data.seq_len + 2
+    The split is by document (`prepare.split_mask`) unless that leaves train or eval with
+    fewer than seq_len + 2 tokens (a corpus of one document, or of a few): then the last
+    eval_fraction of the tokens (at least seq_len + 2) is eval, the valid_fraction before
+    it valid, the rest train. None too when eval_fraction is 0 or the corpus is too small
+    for such splits."""
+    frac, vfrac, need = cfg.data.eval_fraction, cfg.data.valid_fraction, cfg.data.seq_len + 2
     spans = data.doc_len + 1
-    in_eval = eval_mask(len(data), frac)
-    if frac <= 0 or min(spans[in_eval].sum(), spans[~in_eval].sum()) >= need:
+    sizes = [spans[split_mask(len(data), s, frac, vfrac)].sum() for s in ("train", "eval")]
+    if frac <= 0 or min(sizes) >= need:
         return None
     total = int(spans.sum())
-    n_eval = max(int(np.ceil(frac * total)), need)
-    return total - n_eval if total - n_eval >= need else None
+    valid_end = total - max(int(np.ceil(frac * total)), need)
+    train_end = valid_end - (max(int(np.ceil(vfrac * total)), need) if vfrac > 0 else 0)
+    return (train_end, valid_end) if train_end >= need else None
 
 
 def token_range(full: Split, a: int, b: int) -> Split:
@@ -275,12 +282,12 @@ def split_events(cfg, tokenizer) -> list[dict]:
     events = []
     for p in paths:
         data = open_prepared(p, cfg, tokenizer, "data.path")
-        cut = token_cut(data, cfg)
-        if cut is not None:
+        cuts = token_cuts(data, cfg)
+        if cuts is not None:
             total = int((data.doc_len + 1).sum())
             events.append({"event": "data_split", "path": p, "policy": "tokens",
-                           "documents": len(data), "train_tokens": cut,
-                           "eval_tokens": total - cut,
+                           "documents": len(data), "train_tokens": cuts[0],
+                           "valid_tokens": cuts[1] - cuts[0], "eval_tokens": total - cuts[1],
                            "reason": "too few documents for a split by document"})
     return events
 
@@ -322,8 +329,8 @@ def _make_pipeline(cfg, tokenizer, split, process_index, process_count, batch_si
     if batch_size % process_count:
         raise ValueError(f"train.batch_size: {batch_size} is not divisible by "
                          f"{process_count} processes")
-    if split not in ("train", "eval"):
-        raise ValueError(f"split: got {split!r}; allowed: train, eval")
+    if split not in ("train", "valid", "eval"):
+        raise ValueError(f"split: got {split!r}; allowed: train, valid, eval")
     seq_len, packing, seed = cfg.data.seq_len, cfg.data.packing, cfg.train.seed
     element = PackedWindows if packing == "concat" else DocPieces
     sources = []
