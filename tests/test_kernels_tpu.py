@@ -131,6 +131,14 @@ def test_config_accepts_every_backend_and_only_those():
         config.validate(cfg)
 
 
+def test_compare_backends_on_each_platform():
+    """bench --compare_backends times these (kernels.compared_backends)."""
+    assert kernels.compared_backends("tpu") == ("xla", "splash", "flash")
+    assert kernels.compared_backends("gpu") == ("xla", "cudnn", "flash")
+    with kernels.lowering_for("tpu"):
+        assert kernels.compared_backends() == ("xla", "splash", "flash")
+
+
 def test_splash_decoding_over_a_cache_uses_the_reference():
     """T != S (a KV cache): splash's causal mask is by index, so the backend runs xla."""
     rng = np.random.default_rng(7)

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from jaxllm.kernels import xla
 from jaxllm.kernels.placement import lowering_for, target_platform
 
-__all__ = ["BACKENDS", "attention", "lowering_for", "resolve_backend", "target_platform"]
+__all__ = ["BACKENDS", "attention", "compared_backends", "lowering_for", "resolve_backend",
+           "target_platform"]
 BACKENDS = ("auto", "xla", "cudnn", "flash", "splash")
 
 
@@ -51,6 +52,14 @@ def resolve_backend(backend: str, *, alibi: bool, platform: str | None = None,
         half = dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
         return "cudnn" if half and not alibi else "flash"
     return "xla"
+
+
+def compared_backends(platform: str | None = None) -> tuple[str, ...]:
+    """The backends worth timing against each other on a platform (bench --compare_backends):
+    TPU: xla, splash, flash (Mosaic); elsewhere: xla, cudnn, flash (Triton)."""
+    if (platform or target_platform()) == "tpu":
+        return ("xla", "splash", "flash")
+    return ("xla", "cudnn", "flash")
 
 
 def attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, positions=None,
