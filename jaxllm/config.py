@@ -19,7 +19,7 @@ ACTIVATIONS = ("relu", "gelu", "gelu_exact", "swish", "glu", "reglu", "geglu", "
 GATED = {"glu": "sigmoid", "reglu": "relu", "geglu": "gelu", "swiglu": "swish"}
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16", "float16")
-BACKENDS = ("auto", "xla", "cudnn", "flash")
+BACKENDS = ("auto", "xla", "cudnn", "flash", "splash")  # = jaxllm.kernels.BACKENDS
 REMAT = ("none", "full", "dots", "dots_no_batch")
 OPTIMIZERS = ("adamw", "lion", "sophia_g", "sophia_h", "adam8bit", "sgd")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
@@ -67,7 +67,7 @@ def defaults() -> ConfigDict:
     m.init_std = 0.02  # std of weight init (residual projections scaled by 1/sqrt(2L))
     m.dtype = "bfloat16"  # compute dtype: float32 | bfloat16 | float16
     m.param_dtype = "float32"  # parameter storage dtype
-    m.attention_backend = "auto"  # auto | xla | cudnn | flash
+    m.attention_backend = "auto"  # auto | xla | cudnn | flash | splash (kernels/__init__.py)
     m.remat = "none"  # none | full | dots | dots_no_batch (activation checkpointing)
     m.scan_layers = True  # compile one block and scan it over layers
 

@@ -5,7 +5,9 @@ A grid file (configs/ablations/*.py) defines `get_grid(arg) -> dict` with
   so every cell gets the same token budget);
 - `axes`: {axis: {label: {config key: value, ...}}} (or {axis: [values]} when the axis name
   is itself a config key); the grid is their Cartesian product;
-- `eval` (optional): {"max_bytes": held-out bytes scored per cell, "tasks": "builtin"}.
+- `eval` (optional): {"max_bytes": held-out bytes scored per cell, "tasks": "builtin",
+  "lm_eval_tasks": "arc_easy,piqa" (lm-evaluation-harness tasks), "lm_eval_include": DIR,
+  "lm_eval_limit": N}.
 
 `data.tokenizer` values of the form `train:KIND:VOCAB` (KIND: sentencepiece_bpe,
 sentencepiece_unigram, byte_bpe) are trained once on the first `eval.tokenizer_bytes`
@@ -32,6 +34,7 @@ import os
 from ml_collections import ConfigDict
 
 from jaxllm.config import ConfigError, validate
+from jaxllm.eval.evaluate import LM_EVAL_COLUMNS
 
 log = logging.getLogger("jaxllm")
 
@@ -171,7 +174,9 @@ def run_cell(name: str, labels: dict, cfg: ConfigDict, workdir: str, ev: dict) -
                                    "run the grid again to resume")
         status = "trained"
     r = evaluate(workdir, max_bytes=ev.get("max_bytes", 0), tasks=ev.get("tasks", ""),
-                 batch_size=ev.get("batch_size", 8))
+                 batch_size=ev.get("batch_size", 8), lm_eval_tasks=ev.get("lm_eval_tasks", ""),
+                 lm_eval_include=ev.get("lm_eval_include", ""),
+                 lm_eval_limit=ev.get("lm_eval_limit", 0))
     s = summarize(workdir, name)
     row = {"cell": name, **labels, "bpb": r["bpb"], "eval_loss": r["loss"],
            "eval_bytes": r["bytes"], "train_eval_bpb": s["final_bpb"],
@@ -181,6 +186,8 @@ def run_cell(name: str, labels: dict, cfg: ConfigDict, workdir: str, ev: dict) -
         row[f"{t['task']}_acc"] = t["acc"]
         if "acc_norm" in t:
             row[f"{t['task']}_acc_norm"] = t["acc_norm"]
+    for t in r.get("lm_eval", []):
+        row.update({f"{t['task']}_{m}": t[m] for m in LM_EVAL_COLUMNS if m in t})
     with open(result_path, "w") as f:
         json.dump(row, f, indent=2)
     return {**row, "status": status}
@@ -212,7 +219,8 @@ def run_grid(grid: dict, root: str, overrides: dict | None = None, log=print) ->
 def write_results(rows: list[dict], root: str, axes: list[str]) -> str:
     from jaxllm.eval.report import markdown_table
 
-    extra = sorted({k for r in rows for k in r if k.endswith(("_acc", "_acc_norm"))})
+    metrics = tuple(f"_{m}" for m in LM_EVAL_COLUMNS)  # includes _acc, _acc_norm
+    extra = sorted({k for r in rows for k in r if k.endswith(metrics)})
     cols = ["cell", *axes, "bpb", *extra, *COLUMNS[2:]]
     table = markdown_table(sorted(rows, key=lambda r: r["bpb"]), cols)
     with open(os.path.join(root, "results.md"), "w") as f:

@@ -2,7 +2,7 @@
 
     python tools/ablate.py --grid=configs/ablations/choices.py[:ARG] --root=runs/ablate \
         [--only=model.pos_encoding=rope,alibi] [--set=train.steps=150] [--eval_bytes=N] \
-        [--dry_run]
+        [--lm_eval_tasks=arc_easy,piqa] [--dry_run]
 
 Cells already finished (final checkpoint, final eval row and ROOT/<cell>/ablation.json)
 are not rerun. Writes ROOT/results.md, results.csv, results.json and ablation.png. The
@@ -47,6 +47,10 @@ def main(argv=None) -> None:
                    help="KEY=VALUE: override a base config key for every cell (repeatable)")
     p.add_argument("--eval_bytes", type=int, default=None,
                    help="held-out bytes scored per cell (default: the grid's eval.max_bytes)")
+    p.add_argument("--lm_eval_tasks", default=None,
+                   help="lm-evaluation-harness tasks scored per cell (default: the grid's "
+                   "eval.lm_eval_tasks)")
+    p.add_argument("--lm_eval_include", default=None, help="folder of extra lm-eval task YAMLs")
     p.add_argument("--dry_run", action="store_true", help="list the cells and exit")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     with user_errors():
@@ -58,6 +62,9 @@ def main(argv=None) -> None:
             if args.eval_bytes < 0:
                 fail(f"--eval_bytes: must be >= 0, got {args.eval_bytes}")
             grid["eval"]["max_bytes"] = args.eval_bytes
+        for key in ("lm_eval_tasks", "lm_eval_include"):
+            if getattr(args, key) is not None:
+                grid["eval"][key] = getattr(args, key)
         if args.dry_run:
             for name, _, ov in ex.cells(grid):
                 print(name, json.dumps(ov))
