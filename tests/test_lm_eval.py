@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from test_eval_utils import (  # noqa: E402
     corpus_texts,
+    random_run,
     ref_continuation,
     ref_logprobs,
     tiny_cfg,
@@ -225,6 +226,10 @@ def test_model_args_errors(lm, workdir, tmp_path):
     ]:
         with pytest.raises(ConfigError, match=msg):
             JaxllmLM.create_from_arg_string(args)
+    learned = random_run(pos_encoding="learned")  # a window no longer than its table
+    assert JaxllmLM(run=learned).max_length == 32
+    with pytest.raises(ConfigError, match=r"max_length=64: exceeds the learned position table"):
+        JaxllmLM(run=learned, max_length=64)
 
 
 @pytest.fixture
