@@ -6,8 +6,9 @@ sweep was too narrow), then on the held-out test split with that multiplier: mea
 and 95% Student-t interval of bpb over seeds, the paired difference to the baseline cell
 over seeds (same seed = same initialisation and data order) with its interval, marked `*`
 when the interval excludes 0, and downstream accuracies with percentile-bootstrap
-intervals over items (jaxllm.stats). Plots: eval bpb (the training loop's eval rows)
-against tokens, text bytes and model FLOPs, mean over seeds with a ±1 std band.
+intervals over items (jaxllm.stats; other task metrics: t intervals over seeds). Plots:
+eval bpb (the training loop's eval rows) against tokens, text bytes and model FLOPs, mean
+over seeds with a ±1 std band.
 """
 
 from __future__ import annotations
@@ -35,16 +36,19 @@ def choose_lr(runs: list[dict]) -> dict:
 
 
 def _tasks(runs: list[dict]) -> dict:
-    """Accuracy per task with a bootstrap interval over items (no interval for a task
-    whose rows carry no per-item scores)."""
+    """{TASK_METRIC: interval} over the runs (seeds) of a cell: accuracy with per-item
+    scores gets a bootstrap over items; other metrics (acc_norm, lm-eval's) a t interval
+    over seeds."""
     out = {}
     for task in runs[0]["tasks"]:
         res = [r["tasks"].get(task, {}) for r in runs]
-        if all("item_acc" in t for t in res):
-            out[task] = stats.bootstrap_interval(np.array([t["item_acc"] for t in res]))
-        else:
-            out[task] = {"n": None, "mean": float(np.mean([t.get("acc", math.nan) for t in res])),
-                         "lo": math.nan, "hi": math.nan}
+        for metric in [m for m in res[0] if m != "item_acc"]:
+            if metric == "acc" and all("item_acc" in t for t in res):
+                items = np.array([t["item_acc"] for t in res], np.float64)
+                out[f"{task}_acc"] = stats.bootstrap_interval(items)
+            else:
+                out[f"{task}_{metric}"] = stats.t_interval([t.get(metric, math.nan)
+                                                            for t in res])
     return out
 
 
@@ -100,7 +104,7 @@ def cell_table(summary: list[dict], meta: dict) -> str:
     tasks = sorted({t for c in summary for t in c["tasks"]})
     head = ["cell", "lr", "steps (warmup)", "tokens", "text bytes", "FLOPs", "seeds",
             "test bpb", "std", "95% CI", f"Δ bpb vs {meta['baseline']} [95% CI]",
-            *[f"{t} acc [95% CI]" for t in tasks]]
+            *[f"{t} [95% CI]" for t in tasks]]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for c in sorted(summary, key=lambda c: c["bpb"]["mean"]):
         c = {**c, "is_baseline": c["cell"] == meta["baseline"]}
@@ -132,7 +136,8 @@ def markdown(summary: list[dict], meta: dict) -> str:
             f"{budget}; lr sweep x{', x'.join(f'{m:g}' for m in meta['lr_sweep'])}.",
             "test bpb: held-out split, mean over seeds, sample std, 95% Student-t interval; "
             f"Δ: paired over seeds vs {meta['baseline']}, * = its 95% interval excludes 0; "
-            "accuracies: 95% percentile bootstrap over items.", "", cell_table(summary, meta)]
+            "task accuracies: 95% percentile bootstrap over items (other task metrics: t over "
+            "seeds).", "", cell_table(summary, meta)]
     if len(meta["lr_sweep"]) > 1:
         text += ["", "Validation bpb (mean over seeds) per lr multiplier; the chosen one in "
                  "bold (the test split plays no part in the choice):", "",

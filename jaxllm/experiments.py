@@ -5,7 +5,9 @@ A grid file (configs/ablations/*.py) defines `get_grid(arg) -> dict` with
   so every cell gets the same token budget);
 - `axes`: {axis: {label: {config key: value, ...}}} (or {axis: [values]} when the axis name
   is itself a config key); the grid is their Cartesian product;
-- `eval` (optional): {"max_bytes": held-out bytes scored per cell, "tasks": "builtin"}.
+- `eval` (optional): {"max_bytes": held-out bytes scored per cell, "tasks": "builtin",
+  "lm_eval_tasks": "arc_easy,piqa" (lm-evaluation-harness tasks), "lm_eval_include": DIR,
+  "lm_eval_limit": N}.
 
 `data.tokenizer` values of the form `train:KIND:VOCAB` (KIND: sentencepiece_bpe,
 sentencepiece_unigram, byte_bpe) are trained once on the first `eval.tokenizer_bytes`
@@ -34,11 +36,15 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import logging
 import os
 
 from ml_collections import ConfigDict
 
 from jaxllm.config import ConfigError, validate
+from jaxllm.eval.evaluate import LM_EVAL_COLUMNS
+
+log = logging.getLogger("jaxllm")
 
 
 
@@ -205,8 +211,14 @@ def _cached(workdir: str, run: Run) -> dict | None:
     path = os.path.join(workdir, "ablation.json")
     if not (_trained(workdir, run.cfg.train.steps) and os.path.exists(path)):
         return None
-    with open(path) as f:
-        row = json.load(f)
+    try:
+        with open(path) as f:
+            row = json.load(f)
+    except ValueError:
+        row = None
+    if not isinstance(row, dict):
+        log.warning("%s is unreadable; evaluating the run again", path)
+        return None
     if row.get("fingerprint") != fingerprint(run.cfg):
         raise ConfigError(f"{workdir}: finished with a different config than this grid's run "
                           f"{run.name}; use another --root (or delete that directory)")
@@ -233,7 +245,9 @@ def run_cell(run: Run, workdir: str, ev: dict, sweep: bool = False) -> dict:
     loaded = load_run(workdir)
     kw = {"max_bytes": ev.get("max_bytes", 0), "batch_size": ev.get("batch_size", 8),
           "run": loaded}
-    r = evaluate(workdir, tasks=ev.get("tasks", ""), **kw)
+    r = evaluate(workdir, tasks=ev.get("tasks", ""), lm_eval_tasks=ev.get("lm_eval_tasks", ""),
+                 lm_eval_include=ev.get("lm_eval_include", ""),
+                 lm_eval_limit=ev.get("lm_eval_limit", 0), **kw)
     valid = evaluate(workdir, split="valid", **kw)["bpb"] if sweep else None
     s = summarize(workdir, run.name)
     row = {"run": run.name, "cell": run.cell, **run.labels, "seed": run.seed,
@@ -244,6 +258,8 @@ def run_cell(run: Run, workdir: str, ev: dict, sweep: bool = False) -> dict:
            "tokens": s["tokens"], "fingerprint": fingerprint(run.cfg), "tasks": {}}
     for t in r["tasks"]:
         row["tasks"][t["task"]] = {k: t[k] for k in ("acc", "acc_norm", "item_acc") if k in t}
+    for t in r.get("lm_eval", []):  # lm-eval keeps no per-item scores here
+        row["tasks"][t["task"]] = {m: t[m] for m in LM_EVAL_COLUMNS if m in t}
     with open(os.path.join(workdir, "ablation.json"), "w") as f:
         json.dump(row, f, indent=2)
     return {**row, "status": status}

@@ -65,7 +65,7 @@ def test_ablation_grid_runs_tabulates_and_resumes(tmp_path, capsys, monkeypatch)
     assert by[names[0]]["params"] != by[names[1]]["params"]
     md = (root / "table.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + 4 and "| cell |" in md and "python_syntax_mc acc" in md
+    assert len(table) == 2 + 4 and "| cell |" in md and "python_syntax_mc_acc [95% CI]" in md
     assert md.strip() in out
     for unit in ("tokens", "bytes", "flops"):
         png = (root / f"bpb_vs_{unit}.png").read_bytes()
@@ -194,7 +194,8 @@ def test_seeds_sweep_tables_plots_and_reuse(tmp_path, capsys, monkeypatch):
         assert c["lr_mult"] == min(valid, key=valid.get) and c["edge"]
         assert c["bpb"]["mean"] == pytest.approx(np.mean([r["bpb"] for r in picked]))
         assert c["bpb"]["lo"] < c["bpb"]["mean"] < c["bpb"]["hi"] and c["seeds"] == [0, 1]
-        assert 0 <= c["tasks"]["python_syntax_mc"]["lo"] <= c["tasks"]["python_syntax_mc"]["hi"]
+        mc = c["tasks"]["python_syntax_mc_acc"]
+        assert 0 <= mc["lo"] <= mc["mean"] <= mc["hi"] <= 1 and mc["n"] > 0
     assert cells["activation-relu"]["delta"] is None
     assert set(cells["activation-gelu"]["delta"]) >= {"mean", "lo", "hi", "significant"}
     md = (root / "table.md").read_text()

@@ -3,7 +3,7 @@
     python tools/ablate.py --grid=configs/ablations/choices.py[:ARG] --root=runs/ablate \
         [--seeds=3] [--lr_sweep=0.25,0.5,1,2,4] [--budget=tokens:N|bytes:N|flops:N] \
         [--baseline=CELL] [--only=model.pos_encoding=rope,alibi] [--set=train.steps=150] \
-        [--eval_bytes=N] [--dry_run]
+        [--eval_bytes=N] [--lm_eval_tasks=arc_easy,piqa] [--dry_run]
 
 Finished runs (final checkpoint, final eval row and ROOT/<run>/ablation.json with the same
 config) are not rerun, so more seeds or a wider sweep only train the new runs. Writes
@@ -14,14 +14,12 @@ jaxllm/experiments.py, jaxllm/budget.py, jaxllm/ablation_report.py and jaxllm/st
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxllm.cli import _fail, user_errors
-from jaxllm.cli.eval import _Parser
+from jaxllm.cli.errors import ArgParser, fail, user_errors
 
 
 def _pairs(items, flag):
@@ -29,7 +27,7 @@ def _pairs(items, flag):
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            _fail(f"{flag}: expected KEY=VALUE, got {item!r}")
+            fail(f"{flag}: expected KEY=VALUE, got {item!r}")
         out[key] = value
     return out
 
@@ -42,8 +40,7 @@ def _value(text: str):
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    p = _Parser(prog="ablate.py", description=__doc__.split("\n")[0])
+    p = ArgParser(prog="ablate.py", description=__doc__.split("\n")[0])
     p.add_argument("--grid", default="configs/ablations/choices.py", help="grid file[:ARG]")
     p.add_argument("--root", default="runs/ablate", help="one workdir per cell goes here")
     p.add_argument("--only", action="append", default=[],
@@ -60,6 +57,10 @@ def main(argv=None) -> None:
                    help="tokens:N, bytes:N or flops:N: steps and warmup derived per cell")
     p.add_argument("--baseline", default=None,
                    help="cell the others are compared with (paired over seeds; default: first)")
+    p.add_argument("--lm_eval_tasks", default=None,
+                   help="lm-evaluation-harness tasks scored per cell (default: the grid's "
+                   "eval.lm_eval_tasks)")
+    p.add_argument("--lm_eval_include", default=None, help="folder of extra lm-eval task YAMLs")
     p.add_argument("--dry_run", action="store_true", help="list the runs and exit")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     with user_errors():
@@ -69,8 +70,11 @@ def main(argv=None) -> None:
         overrides = {k: _value(v) for k, v in _pairs(args.set, "--set").items()}
         if args.eval_bytes is not None:
             if args.eval_bytes < 0:
-                _fail(f"--eval_bytes: must be >= 0, got {args.eval_bytes}")
+                fail(f"--eval_bytes: must be >= 0, got {args.eval_bytes}")
             grid["eval"]["max_bytes"] = args.eval_bytes
+        for key in ("lm_eval_tasks", "lm_eval_include"):
+            if getattr(args, key) is not None:
+                grid["eval"][key] = getattr(args, key)
         opts = _options(args)
         if args.dry_run:
             for name, _, ov in ex.cells(grid):
@@ -81,7 +85,7 @@ def main(argv=None) -> None:
         try:
             ex.run_grid(grid, args.root, overrides, **opts)
         except (TypeError, ValueError) as e:
-            _fail(str(e))
+            fail(str(e))
         except InterruptedError as e:
             print(f"stopped: {e}", file=sys.stderr)
             sys.exit(1)
@@ -94,13 +98,13 @@ def _options(args) -> dict:
     from jaxllm.budget import parse_budget
 
     if args.seeds < 1:
-        _fail(f"--seeds: must be >= 1, got {args.seeds}")
+        fail(f"--seeds: must be >= 1, got {args.seeds}")
     try:
         sweep = [float(m) for m in args.lr_sweep.split(",")]
     except ValueError:
         sweep = []
     if not sweep or min(sweep) <= 0 or len(set(sweep)) != len(sweep):
-        _fail(f"--lr_sweep: expected distinct positive multipliers like 0.5,1,2, "
+        fail(f"--lr_sweep: expected distinct positive multipliers like 0.5,1,2, "
               f"got {args.lr_sweep!r}")
     budget = parse_budget(args.budget) if args.budget else None
     return {"seeds": args.seeds, "lr_sweep": sorted(sweep), "budget": budget,
