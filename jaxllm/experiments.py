@@ -28,12 +28,15 @@ import csv
 import importlib.util
 import itertools
 import json
+import logging
 import os
 
 from ml_collections import ConfigDict
 
 from jaxllm.config import ConfigError, validate
 from jaxllm.eval.evaluate import LM_EVAL_COLUMNS
+
+log = logging.getLogger("jaxllm")
 
 COLUMNS = ["cell", "bpb", "train_eval_bpb", "final_loss", "tokens_per_s", "params", "step",
            "tokens"]
@@ -155,8 +158,14 @@ def run_cell(name: str, labels: dict, cfg: ConfigDict, workdir: str, ev: dict) -
     result_path = os.path.join(workdir, "ablation.json")
     steps = cfg.train.steps
     if _trained(workdir, steps) and os.path.exists(result_path):
-        with open(result_path) as f:
-            return {**json.load(f), "status": "cached"}
+        try:
+            with open(result_path) as f:
+                cached = json.load(f)
+        except ValueError:
+            cached = None
+        if isinstance(cached, dict):
+            return {**cached, "status": "cached"}
+        log.warning("%s is unreadable; evaluating the cell again", result_path)
     status = "evaluated"
     if not _trained(workdir, steps):
         out = train(cfg, workdir)

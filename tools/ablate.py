@@ -12,14 +12,12 @@ logic lives in jaxllm/experiments.py.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxllm.cli import _fail, user_errors
-from jaxllm.cli.eval import _Parser
+from jaxllm.cli.errors import ArgParser, fail, user_errors
 
 
 def _pairs(items, flag):
@@ -27,7 +25,7 @@ def _pairs(items, flag):
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            _fail(f"{flag}: expected KEY=VALUE, got {item!r}")
+            fail(f"{flag}: expected KEY=VALUE, got {item!r}")
         out[key] = value
     return out
 
@@ -40,8 +38,7 @@ def _value(text: str):
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    p = _Parser(prog="ablate.py", description=__doc__.split("\n")[0])
+    p = ArgParser(prog="ablate.py", description=__doc__.split("\n")[0])
     p.add_argument("--grid", default="configs/ablations/choices.py", help="grid file[:ARG]")
     p.add_argument("--root", default="runs/ablate", help="one workdir per cell goes here")
     p.add_argument("--only", action="append", default=[],
@@ -63,7 +60,7 @@ def main(argv=None) -> None:
         overrides = {k: _value(v) for k, v in _pairs(args.set, "--set").items()}
         if args.eval_bytes is not None:
             if args.eval_bytes < 0:
-                _fail(f"--eval_bytes: must be >= 0, got {args.eval_bytes}")
+                fail(f"--eval_bytes: must be >= 0, got {args.eval_bytes}")
             grid["eval"]["max_bytes"] = args.eval_bytes
         for key in ("lm_eval_tasks", "lm_eval_include"):
             if getattr(args, key) is not None:
@@ -75,7 +72,7 @@ def main(argv=None) -> None:
         try:
             ex.run_grid(grid, args.root, overrides)
         except (TypeError, ValueError) as e:
-            _fail(str(e))
+            fail(str(e))
         except InterruptedError as e:
             print(f"stopped: {e}", file=sys.stderr)
             sys.exit(1)

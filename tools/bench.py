@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from absl import flags
-from ml_collections import config_flags
 
-from jaxllm.cli import _fail, _unknown_key, parse_config, user_errors
+from jaxllm.cli import define_config_flag, parse_config
+from jaxllm.cli.errors import check_output_dir, fail, user_errors
 
 FLAGS = flags.FLAGS
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def _ints(name):
     try:
         return [int(v) for v in FLAGS[name].value]
     except ValueError:
-        _fail(f"--{name}: must be comma-separated integers, got {','.join(FLAGS[name].value)}")
+        fail(f"--{name}: must be comma-separated integers, got {','.join(FLAGS[name].value)}")
 
 
 def main(argv=None):
@@ -61,18 +61,17 @@ def main(argv=None):
     if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
         print(__doc__ + "\n" + FLAGS.module_help(sys.modules[__name__]))
         return
-    extra = [a for a in argv[1:] if not a.startswith("-")]
-    if extra:
-        _fail(f"unexpected arguments: {' '.join(extra)}")
-    try:  # defining it applies --config.KEY=VALUE overrides already
-        config_flags.DEFINE_config_file(
-            "config", str(ROOT / "configs" / "base.py"), "base config file "
-            "(configs/NAME.py[:ARG]); default: configs/base.py. --sizes, --seq_lens, --pos "
-            "and --backends override its fields", lock_config=True)
-    except (AttributeError, KeyError):
-        _fail(_unknown_key(argv))
+    define_config_flag(argv, default=str(ROOT / "configs" / "base.py"), help_text=(
+        "base config file (configs/NAME.py[:ARG]); default: configs/base.py. --sizes, "
+        "--seq_lens, --pos and --backends override its fields"))
     base = parse_config(FLAGS, argv)  # flags and config under the error contract
     with user_errors():
+        if FLAGS.out:  # before minutes of benchmarking, not after
+            check_output_dir(FLAGS.out, "--out")
+        for name in ("steps", "warmup", "batch", "tokens_per_batch", "vocab"):
+            if FLAGS[name].value < (1 if name in ("steps", "vocab") else 0):
+                fail(f"out of range (--{name}={FLAGS[name].value}): must be >= "
+                     f"{1 if name in ('steps', 'vocab') else 0}")
         import jax
 
         from jaxllm import benchmark as B

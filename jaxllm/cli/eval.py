@@ -12,15 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
-from jaxllm.cli import _fail, user_errors
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (the CLI error contract)
-        _fail(message)
+from jaxllm.cli.errors import ArgParser, check_output_file, fail, user_errors
 
 
 def _on_off(v: str) -> bool:
@@ -32,7 +26,7 @@ def _on_off(v: str) -> bool:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="jaxllm-eval", description=__doc__.split("\n")[0])
+    p = ArgParser(prog="jaxllm-eval", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="training workdir to evaluate")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--data.path", dest="data_path", default=None,
@@ -67,9 +61,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     with user_errors():
+        if args.out:
+            check_output_file(args.out, "--out")
         from jaxllm.eval.evaluate import evaluate, format_report
         try:
             result = evaluate(
@@ -80,14 +75,11 @@ def main(argv=None) -> None:
                 extrap_bytes=args.extrap_bytes, lm_eval_tasks=args.lm_eval_tasks,
                 lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit)
         except ValueError as e:
-            _fail(str(e))
+            fail(str(e))
         print(format_report(result), flush=True)
         if args.out:
-            try:
-                with open(args.out, "w") as f:
-                    json.dump(result, f, indent=2)
-            except OSError as e:
-                _fail(f"--out: cannot write {args.out} ({e.strerror})")
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from jaxllm.cli import _fail, user_errors
+from jaxllm.cli.errors import fail, user_errors
 
 
 def main(argv=None) -> None:
@@ -22,13 +22,13 @@ def main(argv=None) -> None:
             import jaxllm.eval.lm_eval_model  # noqa: F401  (registers --model jaxllm)
             from lm_eval.__main__ import cli_evaluate
         except ImportError as e:
-            _fail(f"jaxllm-lm-eval needs lm-eval: pip install 'jaxllm[eval]' ({e})")
+            fail(f"jaxllm-lm-eval needs lm-eval: pip install 'jaxllm[eval]' ({e})")
         if argv is not None:
             sys.argv = [sys.argv[0], *argv]
         try:
             cli_evaluate()
         except ValueError as e:  # lm-eval's errors about flags, tasks and model args
-            _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
 
 if __name__ == "__main__":

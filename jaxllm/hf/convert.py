@@ -19,6 +19,7 @@ import shutil
 import numpy as np
 
 from jaxllm.config import ConfigError, defaults, validate
+from jaxllm.runfiles import read_config_json
 from jaxllm.hf.mapping import blocks_of, family, to_hf
 from jaxllm.hf.reverse import from_hf
 
@@ -29,11 +30,9 @@ def load_workdir_config(workdir):
     """defaults() updated with WORKDIR/config.json, validated."""
     path = pathlib.Path(workdir) / "config.json"
     try:
-        saved = json.loads(path.read_text())
+        saved = read_config_json(path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; is {workdir} a jaxllm workdir?") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable ({e})") from None
     cfg = defaults()
     for sec, vals in saved.items():
         if sec in cfg and isinstance(vals, dict):

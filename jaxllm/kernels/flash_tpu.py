@@ -11,8 +11,9 @@ TPU kernel) has block-sparse masks but no ALiBi, which is why this kernel exists
 Layout (Mosaic tiles are (8, 128) for 32-bit values; the lane dimension is 128 wide):
 - q/k/v go head-major, [B, H, T, D]; blocks are (block, D) with D the whole head size;
 - ids and positions reach the kernel twice: as columns [B, T, 128] (lane-replicated,
-  for the tile's row dimension) and as rows [B, 8, T] (for its column dimension), the
-  layout splash attention uses;
+  tiled to the tile's width for its row dimension) and as rows [B, 8, T] (a row read for
+  its column dimension), the layout and access splash attention uses; running row
+  maxima and sums live lane-replicated in [block, 128] scratch, as in splash;
 - the logsumexp and delta = rowsum(o * do) travel as rows [B, H, 1, T].
 Grids iterate the streamed tile axis last ("arbitrary") with float32 accumulators in
 VMEM scratch:
@@ -87,6 +88,12 @@ def _rows(x):
     return jnp.broadcast_to(x[:, None, :], (x.shape[0], SUBLANES, x.shape[1]))
 
 
+def _lanes(x, n):
+    """A lane-replicated [rows, 128] value as [rows, n] (n a multiple of 128, or below it),
+    by tiling or slicing as splash attention does: no broadcast from a 1-wide lane dim."""
+    return jnp.tile(x, (1, n // LANES)) if n % LANES == 0 else x[:, :n]
+
+
 def _dims(n):
     return pltpu.CompilerParams(
         dimension_semantics=("parallel",) * 3 + ("arbitrary",) * (n - 3))
@@ -103,22 +110,25 @@ def _fwd_kernel(plan_ref, q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, *
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     def step(masked):
-        q_pos, kv_pos, v = qp_ref[:, :1], kp_ref[:1, :], v_ref[...]
+        v, bk = v_ref[...], v_ref.shape[0]
+        q_pos, kv_pos = _lanes(qp_ref[...], bk), kp_ref[:1, :]
         slope = slopes_ref[0, h] if cfg.alibi else None
         s = tiles.logits2(tiles.dot(q_ref[...], k_ref[...], (1, 1)), cfg.scale, slope,
                           q_pos, kv_pos)
         if masked:
-            mask = tiles.visible(qs_ref[:, :1], q_pos, ks_ref[:1, :], kv_pos, cfg.causal)
+            mask = tiles.visible(_lanes(qs_ref[...], bk), q_pos, ks_ref[:1, :], kv_pos,
+                                 cfg.causal)
             s = jnp.where(mask, s, tiles.MASKED)
         m_prev = m_ref[...]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        p = jnp.exp2(s - m_next[:, :1])
+        p = jnp.exp2(s - _lanes(m_next, bk))
         if masked:
             p = jnp.where(mask, p, 0.0)
         corr = jnp.exp2(m_prev - m_next)
         l_ref[...] = l_ref[...] * corr + jnp.sum(p, axis=1, keepdims=True)
         m_ref[...] = m_next
-        acc_ref[...] = acc_ref[...] * corr[:, :1] + tiles.dot(p.astype(v.dtype), v)
+        acc_ref[...] = (acc_ref[...] * _lanes(corr, acc_ref.shape[1])
+                        + tiles.dot(p.astype(v.dtype), v))
 
     cls = plan_ref[b, i, j] & 3
     pl.when(cls == 1)(lambda: step(True))
@@ -128,7 +138,7 @@ def _fwd_kernel(plan_ref, q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, *
     def _end():
         row_sum = l_ref[...]
         l_safe = jnp.where(row_sum > 0, row_sum, 1.0)  # rows that see no key return zeros
-        o_ref[...] = (acc_ref[...] / l_safe[:, :1]).astype(o_ref.dtype)
+        o_ref[...] = (acc_ref[...] / _lanes(l_safe, acc_ref.shape[1])).astype(o_ref.dtype)
         lse_ref[...] = m_ref[...] + jnp.log2(l_safe)
 
 
@@ -142,13 +152,15 @@ def _dq_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qs_ref, q
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     def step(masked):
-        q_pos, kv_pos, k = qp_ref[:, :1], kp_ref[:1, :], k_ref[...]
+        k, bk = k_ref[...], k_ref.shape[0]
+        q_pos, kv_pos = _lanes(qp_ref[...], bk), kp_ref[:1, :]
         slope = slopes_ref[0, h] if cfg.alibi else None
         s = tiles.logits2(tiles.dot(q_ref[...], k, (1, 1)), cfg.scale, slope, q_pos, kv_pos)
         p = jnp.exp2(s - jnp.expand_dims(lse_ref[0], -1))
         if masked:
-            p = jnp.where(tiles.visible(qs_ref[:, :1], q_pos, ks_ref[:1, :], kv_pos, cfg.causal),
-                          p, 0.0)
+            mask = tiles.visible(_lanes(qs_ref[...], bk), q_pos, ks_ref[:1, :], kv_pos,
+                                 cfg.causal)
+            p = jnp.where(mask, p, 0.0)
         dp = tiles.dot(do_ref[...], v_ref[...], (1, 1))
         ds = p * (dp - jnp.expand_dims(di_ref[0], -1))
         acc_ref[...] += tiles.dot(ds.astype(k.dtype), k)
@@ -174,13 +186,15 @@ def _dkv_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qs_ref, 
 
     def step(masked):  # transposed tile: rows are keys, columns queries
         q, do = q_ref[...], do_ref[...]
-        q_pos, kv_pos = qp_ref[:1, :], kp_ref[:, :1]
+        bq = q.shape[0]
+        q_pos, kv_pos = qp_ref[:1, :], _lanes(kp_ref[...], bq)
         slope = slopes_ref[0, kh * group + g] if cfg.alibi else None
         s = tiles.logits2(tiles.dot(k_ref[...], q, (1, 1)), cfg.scale, slope, q_pos, kv_pos)
         p = jnp.exp2(s - lse_ref[...])
         if masked:
-            p = jnp.where(tiles.visible(qs_ref[:1, :], q_pos, ks_ref[:, :1], kv_pos, cfg.causal),
-                          p, 0.0)
+            mask = tiles.visible(qs_ref[:1, :], q_pos, _lanes(ks_ref[...], bq), kv_pos,
+                                 cfg.causal)
+            p = jnp.where(mask, p, 0.0)
         dv_acc[...] += tiles.dot(p.astype(do.dtype), do)
         ds = p * (tiles.dot(v_ref[...], do, (1, 1)) - di_ref[...])
         dk_acc[...] += tiles.dot(ds.astype(q.dtype), q)
