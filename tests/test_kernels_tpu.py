@@ -118,6 +118,8 @@ def test_tpu_backends_reject_what_they_cannot_do():
                             block_sizes=flash_tpu.BlockSizes(block_q=192))
     with pytest.raises(ValueError, match="H % K"):
         flash_tpu.attention(q[:, :, :1], k, v, ids, ids, ids, ids)
+    with pytest.raises(ValueError, match="bytes of tile metadata .* use larger blocks"):
+        flash_tpu._plan(jnp.ones((33, 64, 64), jnp.int32))  # > 512 KiB
 
 
 def test_config_accepts_every_backend_and_only_those():

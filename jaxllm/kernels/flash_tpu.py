@@ -25,7 +25,8 @@ Block sparsity: each grid's classes are scalar-prefetched into SMEM as one int32
 tile pair, `4 * fetch + class`: class 0 tiles run no code, class 2 tiles compute no mask,
 and `fetch` (the last live tile index, see `_plan`) is what the streamed operands' index
 maps load, so a skipped tile repeats the previous block index and Pallas issues no DMA.
-SMEM holds B * (T / block_q) * (S / block_k) int32 per kernel (per shard).
+SMEM holds B * (T / block_q) * (S / block_k) int32 per kernel (per shard; an error names
+the blocks when that exceeds half the SMEM of current TPUs).
 
 Shapes: lengths are padded to a block multiple (segment id 0, sliced off again); blocks
 are 128 * 2^k and are clamped to the padded length. Default tiles are 512 (not tuned on
@@ -46,6 +47,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxllm.kernels import placement, tiles
 
 LANES, SUBLANES = 128, 8
+SMEM_BUDGET = 512 * 1024  # of the 1 MiB SMEM per core of TPU v4, v5e, v5p and v6e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,11 @@ def _plan(cls):
     """[B, m, n] classes -> int32 4 * fetch + class, where fetch is the tile to load for each
     step of the streamed axis: itself when live, else the last live one before it (the
     first live one at the start of a row; 0 if none), so dead steps re-use loaded blocks."""
+    if cls.size * 4 > SMEM_BUDGET:
+        raise ValueError(f"flash attention (TPU): {cls.size * 4} bytes of tile metadata "
+                         f"({cls.shape[0]} rows x {cls.shape[1]} x {cls.shape[2]} tiles) exceed "
+                         f"the {SMEM_BUDGET} bytes kept for SMEM; use larger blocks or "
+                         "fewer rows per shard")
     n = cls.shape[2]
     idx = jnp.arange(n, dtype=jnp.int32)
     prev = lax.cummax(jnp.where(cls > 0, idx, -1), axis=2)
