@@ -118,6 +118,8 @@ def test_tpu_backends_reject_what_they_cannot_do():
                             block_sizes=flash_tpu.BlockSizes(block_q=192))
     with pytest.raises(ValueError, match="H % K"):
         flash_tpu.attention(q[:, :, :1], k, v, ids, ids, ids, ids)
+    with pytest.raises(ValueError, match="bytes of tile metadata .* use larger blocks"):
+        flash_tpu._plan(jnp.ones((33, 64, 64), jnp.int32))  # > 512 KiB
 
 
 def test_config_accepts_every_backend_and_only_those():
@@ -139,16 +141,20 @@ def test_compare_backends_on_each_platform():
         assert kernels.compared_backends() == ("xla", "splash", "flash")
 
 
-def test_splash_decoding_over_a_cache_uses_the_reference():
-    """T != S (a KV cache): splash's causal mask is by index, so the backend runs xla."""
+@pytest.mark.parametrize("backend", ["splash", "flash_tpu"])
+def test_decoding_over_a_cache_matches_reference(backend):
+    """3 new queries (positions 10-12) over a 40-slot cache, 13 filled (T != S). splash's
+    causal mask is by index, so that backend runs xla here; the flash kernel takes it."""
     rng = np.random.default_rng(7)
-    q, k, v = random_qkv(rng, 2, 3, 4, 2, 16, s=40)
+    q, k, v = random_qkv(rng, 2, 3, 4, 2, 64, s=40)
     q_seg = jnp.ones((2, 3), jnp.int32)
     q_pos = jnp.broadcast_to(jnp.arange(10, 13, dtype=jnp.int32), (2, 3))
     kv_seg = jnp.asarray(np.tile(np.arange(40) < 13, (2, 1)), jnp.int32)
     kv_pos = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (2, 40))
-    got = splash.attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos)
-    assert rel(got, xla.attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos)) < 1e-6
+    sl = jnp.asarray(slopes_for(4)) if backend == "flash_tpu" else None
+    fn = {"splash": splash.attention, "flash_tpu": flash_tpu.attention}[backend]
+    got = fn(q, k, v, q_seg, kv_seg, q_pos, kv_pos, sl)
+    assert rel(got, xla.attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, sl)) < 1e-5
 
 
 def test_dispatcher_picks_tpu_kernels_when_targeting_tpu():

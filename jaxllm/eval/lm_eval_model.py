@@ -74,6 +74,8 @@ class JaxllmLM(TemplateLM):
         if unknown:
             raise ConfigError(f"--model_args: unknown argument {unknown[0]!r}; allowed: "
                               "workdir, step, batch_size, max_length, max_gen_toks, tokenizer")
+        bs, self.max_gen_toks = self._batch_size(batch_size), _int_arg("max_gen_toks",
+                                                                        max_gen_toks)
         if run is None:
             from jaxllm.eval.restore import load_run
             if not workdir:
@@ -82,12 +84,12 @@ class JaxllmLM(TemplateLM):
             run = load_run(str(workdir), step=None if step is None else _int_arg("step", step, 0),
                            tokenizer=tokenizer)
         self.run = run
-        self.scorer = Scorer(run, self._batch_size(batch_size))
+        self.scorer = Scorer(run, bs)
         self.batch_size = self.scorer.batch_size
         self._max_length = self._window(max_length)
-        self.max_gen_toks = _int_arg("max_gen_toks", max_gen_toks)
 
-    def _batch_size(self, value) -> int:
+    @staticmethod
+    def _batch_size(value) -> int:
         """An integer, rounded up to a multiple of the device count (rows are split evenly
         over the devices). lm-eval's `auto` search is not offered."""
         import jax

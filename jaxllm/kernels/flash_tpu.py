@@ -11,8 +11,9 @@ TPU kernel) has block-sparse masks but no ALiBi, which is why this kernel exists
 Layout (Mosaic tiles are (8, 128) for 32-bit values; the lane dimension is 128 wide):
 - q/k/v go head-major, [B, H, T, D]; blocks are (block, D) with D the whole head size;
 - ids and positions reach the kernel twice: as columns [B, T, 128] (lane-replicated,
-  for the tile's row dimension) and as rows [B, 8, T] (for its column dimension), the
-  layout splash attention uses;
+  tiled to the tile's width for its row dimension) and as rows [B, 8, T] (a row read for
+  its column dimension), the layout and access splash attention uses; running row
+  maxima and sums live lane-replicated in [block, 128] scratch, as in splash;
 - the logsumexp and delta = rowsum(o * do) travel as rows [B, H, 1, T].
 Grids iterate the streamed tile axis last ("arbitrary") with float32 accumulators in
 VMEM scratch:
@@ -24,7 +25,8 @@ Block sparsity: each grid's classes are scalar-prefetched into SMEM as one int32
 tile pair, `4 * fetch + class`: class 0 tiles run no code, class 2 tiles compute no mask,
 and `fetch` (the last live tile index, see `_plan`) is what the streamed operands' index
 maps load, so a skipped tile repeats the previous block index and Pallas issues no DMA.
-SMEM holds B * (T / block_q) * (S / block_k) int32 per kernel (per shard).
+SMEM holds B * (T / block_q) * (S / block_k) int32 per kernel (per shard; an error names
+the blocks when that exceeds half the SMEM of current TPUs).
 
 Shapes: lengths are padded to a block multiple (segment id 0, sliced off again); blocks
 are 128 * 2^k and are clamped to the padded length. Default tiles are 512 (not tuned on
@@ -45,6 +47,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxllm.kernels import placement, tiles
 
 LANES, SUBLANES = 128, 8
+SMEM_BUDGET = 512 * 1024  # of the 1 MiB SMEM per core of TPU v4, v5e, v5p and v6e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +75,11 @@ def _plan(cls):
     """[B, m, n] classes -> int32 4 * fetch + class, where fetch is the tile to load for each
     step of the streamed axis: itself when live, else the last live one before it (the
     first live one at the start of a row; 0 if none), so dead steps re-use loaded blocks."""
+    if cls.size * 4 > SMEM_BUDGET:
+        raise ValueError(f"flash attention (TPU): {cls.size * 4} bytes of tile metadata "
+                         f"({cls.shape[0]} rows x {cls.shape[1]} x {cls.shape[2]} tiles) exceed "
+                         f"the {SMEM_BUDGET} bytes kept for SMEM; use larger blocks or "
+                         "fewer rows per shard")
     n = cls.shape[2]
     idx = jnp.arange(n, dtype=jnp.int32)
     prev = lax.cummax(jnp.where(cls > 0, idx, -1), axis=2)
@@ -85,6 +93,12 @@ def _columns(x):
 
 def _rows(x):
     return jnp.broadcast_to(x[:, None, :], (x.shape[0], SUBLANES, x.shape[1]))
+
+
+def _lanes(x, n):
+    """A lane-replicated [rows, 128] value as [rows, n] (n a multiple of 128, or below it),
+    by tiling or slicing as splash attention does: no broadcast from a 1-wide lane dim."""
+    return jnp.tile(x, (1, n // LANES)) if n % LANES == 0 else x[:, :n]
 
 
 def _dims(n):
@@ -103,22 +117,25 @@ def _fwd_kernel(plan_ref, q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, *
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     def step(masked):
-        q_pos, kv_pos, v = qp_ref[:, :1], kp_ref[:1, :], v_ref[...]
+        v, bk = v_ref[...], v_ref.shape[0]
+        q_pos, kv_pos = _lanes(qp_ref[...], bk), kp_ref[:1, :]
         slope = slopes_ref[0, h] if cfg.alibi else None
         s = tiles.logits2(tiles.dot(q_ref[...], k_ref[...], (1, 1)), cfg.scale, slope,
                           q_pos, kv_pos)
         if masked:
-            mask = tiles.visible(qs_ref[:, :1], q_pos, ks_ref[:1, :], kv_pos, cfg.causal)
+            mask = tiles.visible(_lanes(qs_ref[...], bk), q_pos, ks_ref[:1, :], kv_pos,
+                                 cfg.causal)
             s = jnp.where(mask, s, tiles.MASKED)
         m_prev = m_ref[...]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        p = jnp.exp2(s - m_next[:, :1])
+        p = jnp.exp2(s - _lanes(m_next, bk))
         if masked:
             p = jnp.where(mask, p, 0.0)
         corr = jnp.exp2(m_prev - m_next)
         l_ref[...] = l_ref[...] * corr + jnp.sum(p, axis=1, keepdims=True)
         m_ref[...] = m_next
-        acc_ref[...] = acc_ref[...] * corr[:, :1] + tiles.dot(p.astype(v.dtype), v)
+        acc_ref[...] = (acc_ref[...] * _lanes(corr, acc_ref.shape[1])
+                        + tiles.dot(p.astype(v.dtype), v))
 
     cls = plan_ref[b, i, j] & 3
     pl.when(cls == 1)(lambda: step(True))
@@ -128,7 +145,7 @@ def _fwd_kernel(plan_ref, q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, *
     def _end():
         row_sum = l_ref[...]
         l_safe = jnp.where(row_sum > 0, row_sum, 1.0)  # rows that see no key return zeros
-        o_ref[...] = (acc_ref[...] / l_safe[:, :1]).astype(o_ref.dtype)
+        o_ref[...] = (acc_ref[...] / _lanes(l_safe, acc_ref.shape[1])).astype(o_ref.dtype)
         lse_ref[...] = m_ref[...] + jnp.log2(l_safe)
 
 
@@ -142,13 +159,15 @@ def _dq_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qs_ref, q
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     def step(masked):
-        q_pos, kv_pos, k = qp_ref[:, :1], kp_ref[:1, :], k_ref[...]
+        k, bk = k_ref[...], k_ref.shape[0]
+        q_pos, kv_pos = _lanes(qp_ref[...], bk), kp_ref[:1, :]
         slope = slopes_ref[0, h] if cfg.alibi else None
         s = tiles.logits2(tiles.dot(q_ref[...], k, (1, 1)), cfg.scale, slope, q_pos, kv_pos)
         p = jnp.exp2(s - jnp.expand_dims(lse_ref[0], -1))
         if masked:
-            p = jnp.where(tiles.visible(qs_ref[:, :1], q_pos, ks_ref[:1, :], kv_pos, cfg.causal),
-                          p, 0.0)
+            mask = tiles.visible(_lanes(qs_ref[...], bk), q_pos, ks_ref[:1, :], kv_pos,
+                                 cfg.causal)
+            p = jnp.where(mask, p, 0.0)
         dp = tiles.dot(do_ref[...], v_ref[...], (1, 1))
         ds = p * (dp - jnp.expand_dims(di_ref[0], -1))
         acc_ref[...] += tiles.dot(ds.astype(k.dtype), k)
@@ -174,13 +193,15 @@ def _dkv_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qs_ref, 
 
     def step(masked):  # transposed tile: rows are keys, columns queries
         q, do = q_ref[...], do_ref[...]
-        q_pos, kv_pos = qp_ref[:1, :], kp_ref[:, :1]
+        bq = q.shape[0]
+        q_pos, kv_pos = qp_ref[:1, :], _lanes(kp_ref[...], bq)
         slope = slopes_ref[0, kh * group + g] if cfg.alibi else None
         s = tiles.logits2(tiles.dot(k_ref[...], q, (1, 1)), cfg.scale, slope, q_pos, kv_pos)
         p = jnp.exp2(s - lse_ref[...])
         if masked:
-            p = jnp.where(tiles.visible(qs_ref[:1, :], q_pos, ks_ref[:, :1], kv_pos, cfg.causal),
-                          p, 0.0)
+            mask = tiles.visible(qs_ref[:1, :], q_pos, _lanes(ks_ref[...], bq), kv_pos,
+                                 cfg.causal)
+            p = jnp.where(mask, p, 0.0)
         dv_acc[...] += tiles.dot(p.astype(do.dtype), do)
         ds = p * (tiles.dot(v_ref[...], do, (1, 1)) - di_ref[...])
         dk_acc[...] += tiles.dot(ds.astype(q.dtype), q)

@@ -28,10 +28,13 @@ MASKED = -1e30  # finite "minus infinity": keeps exp2(m_old - m_new) free of inf
 
 
 def dot(a, b, contract=(1, 0)):
-    """a @ b contracting a's dim contract[0] with b's dim contract[1], float32 accumulation
-    at full float32 precision (TPUs otherwise multiply float32 in bfloat16 passes)."""
+    """a @ b contracting a's dim contract[0] with b's dim contract[1], float32 accumulation;
+    float32 inputs at full precision (TPUs otherwise multiply them in bfloat16 passes, GPUs
+    in TF32), half-precision inputs natively."""
+    full = a.dtype == jnp.float32
     return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                           precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+                           precision=lax.Precision.HIGHEST if full else None,
+                           preferred_element_type=jnp.float32)
 
 
 def visible(q_seg, q_pos, kv_seg, kv_pos, causal: bool):
