@@ -354,9 +354,10 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
         raise ValueError(f"flash attention (TPU): expected q [B,T,H,D], k/v [B,S,K,D] with "
                          f"H % K == 0; got q {q.shape}, k {k.shape}, v {v.shape}")
     blocks, tp, sp = _clamp_blocks(block_sizes or BlockSizes(), t, s)
+    interpret = placement.interpret_default(interpret)
+    placement.require_tpu_or_interpret(interpret, "flash (TPU)")
     cfg = _Cfg(scale=float(d ** -0.5 if scale is None else scale), causal=bool(causal),
-               alibi=alibi_slopes is not None, blocks=blocks,
-               interpret=placement.interpret_default(interpret))
+               alibi=alibi_slopes is not None, blocks=blocks, interpret=interpret)
     run = functools.partial(_padded, cfg=cfg, tp=tp, sp=sp)
     args = [q, k, v, q_seg, kv_seg, q_pos, kv_pos]
     if alibi_slopes is not None:
