@@ -14,7 +14,9 @@ Layout (Mosaic tiles are (8, 128) for 32-bit values; the lane dimension is 128 w
   tiled to the tile's width for its row dimension) and as rows [B, 8, T] (a row read for
   its column dimension), the layout and access splash attention uses; running row
   maxima and sums live lane-replicated in [block, 128] scratch, as in splash;
-- the logsumexp and delta = rowsum(o * do) travel as rows [B, H, 1, T].
+- the logsumexp and delta = rowsum(o * do) travel as rows [B, H, 1, T]; the forward
+  writes the logsumexp lane-replicated ([B, H, T, 128] float32, transient: sliced to
+  [B, H, T] at once), as splash attention does.
 Grids iterate the streamed tile axis last ("arbitrary") with float32 accumulators in
 VMEM scratch:
 - forward and dq: (batch, q head, q tile, kv tile);
