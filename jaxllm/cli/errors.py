@@ -154,7 +154,7 @@ def quiet_libraries(verbose: bool = False) -> None:
     level = logging.INFO if verbose else logging.CRITICAL
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(level)
-    if not verbose:
+    if not verbose and not hasattr(sys.excepthook, "jaxllm_filtered"):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ warnings
         sys.excepthook = _drop_background_noise(sys.excepthook, whole=True)
         sys.unraisablehook = _drop_background_noise(sys.unraisablehook, whole=False)
@@ -177,4 +177,5 @@ def _drop_background_noise(hook, whole: bool):
         if hits and (all(hits) if whole else any(hits)):
             return
         hook(*args)
+    filtered.jaxllm_filtered = True
     return filtered
