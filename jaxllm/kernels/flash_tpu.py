@@ -14,7 +14,9 @@ Layout (Mosaic tiles are (8, 128) for 32-bit values; the lane dimension is 128 w
   tiled to the tile's width for its row dimension) and as rows [B, 8, T] (a row read for
   its column dimension), the layout and access splash attention uses; running row
   maxima and sums live lane-replicated in [block, 128] scratch, as in splash;
-- the logsumexp and delta = rowsum(o * do) travel as rows [B, H, 1, T].
+- the logsumexp and delta = rowsum(o * do) travel as rows [B, H, 1, T]; the forward
+  writes the logsumexp lane-replicated ([B, H, T, 128] float32, transient: sliced to
+  [B, H, T] at once), as splash attention does.
 Grids iterate the streamed tile axis last ("arbitrary") with float32 accumulators in
 VMEM scratch:
 - forward and dq: (batch, q head, q tile, kv tile);
@@ -354,9 +356,10 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
         raise ValueError(f"flash attention (TPU): expected q [B,T,H,D], k/v [B,S,K,D] with "
                          f"H % K == 0; got q {q.shape}, k {k.shape}, v {v.shape}")
     blocks, tp, sp = _clamp_blocks(block_sizes or BlockSizes(), t, s)
+    interpret = placement.interpret_default(interpret)
+    placement.require_tpu_or_interpret(interpret, "flash (TPU)")
     cfg = _Cfg(scale=float(d ** -0.5 if scale is None else scale), causal=bool(causal),
-               alibi=alibi_slopes is not None, blocks=blocks,
-               interpret=placement.interpret_default(interpret))
+               alibi=alibi_slopes is not None, blocks=blocks, interpret=interpret)
     run = functools.partial(_padded, cfg=cfg, tp=tp, sp=sp)
     args = [q, k, v, q_seg, kv_seg, q_pos, kv_pos]
     if alibi_slopes is not None:
