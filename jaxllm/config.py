@@ -19,7 +19,7 @@ ACTIVATIONS = ("relu", "gelu", "gelu_exact", "swish", "glu", "reglu", "geglu", "
 GATED = {"glu": "sigmoid", "reglu": "relu", "geglu": "gelu", "swiglu": "swish"}
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16", "float16")
-BACKENDS = ("auto", "xla", "cudnn", "flash")
+BACKENDS = ("auto", "xla", "cudnn", "flash", "splash")  # = jaxllm.kernels.BACKENDS
 REMAT = ("none", "full", "dots", "dots_no_batch")
 OPTIMIZERS = ("adamw", "lion", "sophia_g", "sophia_h", "adam8bit", "sgd")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
@@ -67,7 +67,7 @@ def defaults() -> ConfigDict:
     m.init_std = 0.02  # std of weight init (residual projections scaled by 1/sqrt(2L))
     m.dtype = "bfloat16"  # compute dtype: float32 | bfloat16 | float16
     m.param_dtype = "float32"  # parameter storage dtype
-    m.attention_backend = "auto"  # auto | xla | cudnn | flash
+    m.attention_backend = "auto"  # auto | xla | cudnn | flash | splash (kernels/__init__.py)
     m.remat = "none"  # none | full | dots | dots_no_batch (activation checkpointing)
     m.scan_layers = True  # compile one block and scan it over layers
     m.scan_unroll = 0  # blocks per scan step; 0 = auto: all on CPU (faster there), 1 elsewhere
@@ -105,6 +105,7 @@ def defaults() -> ConfigDict:
     t.loss_chunk = 0  # tokens per logits chunk along the sequence; 0 = whole sequence
     t.z_loss = 0.0  # coefficient of the log(Z)^2 auxiliary loss; 0 = off
     t.max_skips = 5  # stop (exit 3) after this many consecutive skipped steps
+    t.max_update_ratio = 1.0  # skip updates larger than this x the parameter norm; 0 = off
     t.spike_sigmas = 0.0  # skip steps whose loss exceeds mean + k*std of a window; 0 = off
     t.spike_window = 100  # accepted losses in the spike window (fixed for a run)
     t.sample_tokens = 200  # bytes/tokens generated at the end of training; 0 = none
@@ -192,6 +193,8 @@ def _typed(cfg: ConfigDict, key: str, kind, *, lo=None, hi=None, optional=False)
     if kind is float:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     _check(ok, key, f"must be {name}, got {v!r}")
+    if kind is int:  # shapes, steps and counts become int32 on the device
+        _check(v < 2**31, key, f"must be < 2**31, got {v!r}")
     if lo is not None:
         _check(v >= lo, key, f"must be >= {lo}, got {v!r}")
     if hi is not None:
@@ -252,6 +255,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         _typed(cfg, key, int, lo=0)
     _typed(cfg, "train.z_loss", float, lo=0.0)
     _typed(cfg, "train.spike_sigmas", float, lo=0.0)
+    _typed(cfg, "train.max_update_ratio", float, lo=0.0)
     _typed(cfg, "train.sample_prompt", str)
     _typed(cfg, "train.profile", bool)
     _check(t.batch_size % t.grad_accum == 0, "train.grad_accum",

@@ -40,7 +40,7 @@ from importlib import resources
 import numpy as np
 
 from jaxllm.config import ConfigError
-from jaxllm.eval.scoring import Request
+from jaxllm.eval.scoring import Request, continuation_request
 
 KINDS = ("multiple_choice", "last_word")
 
@@ -125,12 +125,8 @@ def load_task(path: str) -> Task:
 
 def _request(tok, context: str, continuation: str, seq_len: int) -> Request | None:
     """None when the continuation alone does not fit in `seq_len` targets."""
-    ctx = np.concatenate([[tok.eos_id], tok.encode_array(context)]).astype(np.int32)
-    cont = tok.encode_array(continuation).astype(np.int32)
-    if len(cont) == 0 or len(cont) > seq_len:
-        return None
-    tokens = np.concatenate([ctx, cont])[-(seq_len + 1):]
-    return Request(tokens, len(tokens) - 1 - len(cont))
+    ctx = np.concatenate([[tok.eos_id], tok.encode_array(context)])
+    return continuation_request(ctx, tok.encode_array(continuation), seq_len)
 
 
 def task_requests(task: Task, tok, seq_len: int) -> tuple[list, list[Request]]:
@@ -150,15 +146,20 @@ def task_requests(task: Task, tok, seq_len: int) -> tuple[list, list[Request]]:
     return items, reqs
 
 
+def bucket_length(n: int, cap: int) -> int:
+    """The next power of two >= n (at least 16), at most `cap`: few distinct row shapes."""
+    return min(cap, max(16, 1 << (n - 1).bit_length()))
+
+
 def row_length(reqs, seq_len: int) -> int:
-    """The one row length of a task: the next power of two >= its longest request (>= 16),
-    at most seq_len, so short tasks do not pay for full-length rows."""
-    longest = max(len(r.tokens) - 1 for r in reqs)
-    return min(seq_len, max(16, 1 << (longest - 1).bit_length()))
+    """The one row length of a task: the bucket of its longest request, at most seq_len, so
+    short tasks do not pay for full-length rows."""
+    return bucket_length(max(len(r.tokens) - 1 for r in reqs), seq_len)
 
 
 def evaluate_task(scorer, task: Task, seq_len: int) -> dict:
-    """{task, kind, n, acc[, acc_norm][, mean_logprob]}; chance level is reported too."""
+    """{task, kind, n, acc[, acc_norm][, mean_logprob], chance, item_acc}; `item_acc` is
+    each scored item's 0/1 correctness (for bootstrap intervals over items)."""
     items, reqs = task_requests(task, scorer.run.tokenizer, seq_len)
     greedy = task.kind == "last_word"
     s = scorer.score(reqs, row_length(reqs, seq_len), packing=False, greedy=greedy)
@@ -167,16 +168,17 @@ def evaluate_task(scorer, task: Task, seq_len: int) -> dict:
     head = {"task": task.name, "kind": task.kind, "n": n, "skipped": len(task.items) - n}
     if greedy:
         return {**head, "acc": float(s.greedy.mean()), "mean_logprob": float(logprob.mean()),
-                "chance": 0.0}
-    correct, correct_norm, k, chance = 0, 0, 0, 0.0
+                "chance": 0.0, "item_acc": [int(g) for g in s.greedy]}
+    correct, correct_norm, k, chance = [], 0, 0, 0.0
     for _ctx, choices, label in items:
         lp = logprob[k:k + len(choices)]
         lens = np.array([len(c) for c in choices], np.float64)
-        correct += int(np.argmax(lp) == label)
+        correct.append(int(np.argmax(lp) == label))
         correct_norm += int(np.argmax(lp / lens) == label)
         chance += 1.0 / len(choices)
         k += len(choices)
-    return {**head, "acc": correct / n, "acc_norm": correct_norm / n, "chance": chance / n}
+    return {**head, "acc": sum(correct) / n, "acc_norm": correct_norm / n,
+            "chance": chance / n, "item_acc": correct}
 
 
 def item_scores(scorer, task: Task, seq_len: int) -> np.ndarray:

@@ -10,13 +10,13 @@ falling back to older steps when the newest is unreadable, as training does. Onl
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 
 from ml_collections import ConfigDict
 
 from jaxllm.config import ConfigError, defaults, validate
+from jaxllm.runfiles import read_config_json
 
 log = logging.getLogger("jaxllm")
 
@@ -53,13 +53,10 @@ def load_run_config(workdir: str) -> ConfigDict:
         raise ConfigError(f"--workdir: {workdir} is not a directory")
     path = os.path.join(workdir, "config.json")
     try:
-        with open(path) as f:
-            saved = json.load(f)
+        saved = read_config_json(path)
     except FileNotFoundError:
         raise ConfigError(f"--workdir: {path} not found; is {workdir} a training "
                           "workdir (jaxllm-train --workdir=...)?") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"--workdir: {path} is unreadable ({e})") from None
     cfg = defaults()
     try:
         _merge(cfg, saved)

@@ -19,6 +19,7 @@ import shutil
 import numpy as np
 
 from jaxllm.config import ConfigError, defaults, validate
+from jaxllm.runfiles import read_config_json
 from jaxllm.hf.mapping import blocks_of, family, to_hf
 from jaxllm.hf.reverse import from_hf
 
@@ -29,11 +30,9 @@ def load_workdir_config(workdir):
     """defaults() updated with WORKDIR/config.json, validated."""
     path = pathlib.Path(workdir) / "config.json"
     try:
-        saved = json.loads(path.read_text())
+        saved = read_config_json(path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; is {workdir} a jaxllm workdir?") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable ({e})") from None
     cfg = defaults()
     for sec, vals in saved.items():
         if sec in cfg and isinstance(vals, dict):
@@ -263,6 +262,7 @@ def import_hf(hf_dir, workdir, cfg, tokenizer=None) -> dict:
     from jaxllm.train import resume
     from jaxllm.train.loop import resolve
     from jaxllm.train.state import abstract_state, fresh_state
+    from jaxllm.workdir_lock import acquire_for_run
 
     cfg.model.update(keys)
     cfg.data.tokenizer = _tokenizer_for_import(d, wd, tokenizer)
@@ -284,14 +284,21 @@ def import_hf(hf_dir, workdir, cfg, tokenizer=None) -> dict:
     with parallel.activate(cfg, mesh):
         state = jax.jit(lambda p: fresh_state(cfg, tx, p), out_shardings=shardings)(params)
         train_it = make_pipeline(cfg, tok, "train", jax.process_index(), jax.process_count())
-        wd.mkdir(parents=True, exist_ok=True)
-        ckpt = Checkpointer(str((wd / "checkpoints").resolve()), cfg)
-        ckpt.save(0, state, train_it, {"config": cfg.to_json_best_effort(),
-                                       **resume.data_meta(cfg, 0)})
-        ckpt.close()
-    if jax.process_index() == 0:
-        (wd / "config.json").write_text(cfg.to_json_best_effort(indent=2))
-        (wd / "config.py").write_text(CONFIG_PY.format(path=wd / "config.py", workdir=wd))
+        # one writer per workdir: refused (exit 2) while a run or another import holds it
+        lock = acquire_for_run(str(wd.resolve()), jax.process_index() == 0,
+                               jax.process_count())
+        try:
+            ckpt = Checkpointer(str((wd / "checkpoints").resolve()), cfg)
+            ckpt.save(0, state, train_it, {"config": cfg.to_json_best_effort(),
+                                           **resume.data_meta(cfg, 0)})
+            ckpt.close()
+            if jax.process_index() == 0:
+                (wd / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+                (wd / "config.py").write_text(CONFIG_PY.format(path=wd / "config.py",
+                                                               workdir=wd))
+        finally:
+            if lock is not None:
+                lock.release()
     return {"family": family(cfg.model), "layers": cfg.model.n_layers,
             "vocab_size": cfg.model.vocab_size, "tokenizer": cfg.data.tokenizer,
             "workdir": str(wd)}

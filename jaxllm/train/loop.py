@@ -15,6 +15,7 @@ import itertools
 import logging
 import math
 import os
+import sys
 import time
 
 import jax
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from jaxllm import optim, parallel
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import ConfigError, padded_vocab, validate
-from jaxllm.data.pipeline import make_pipeline
+from jaxllm.data.pipeline import make_pipeline, split_events
 from jaxllm.data.tokenizers import load_tokenizer
 from jaxllm.eval.sample import continuations
 from jaxllm.train import metrics as M
@@ -33,6 +34,8 @@ from jaxllm.train.guard import GUARD_KEYS, SkipTracker, TrainingDiverged
 from jaxllm.train.preempt import Preemption
 from jaxllm.train.resume import check_compatible
 from jaxllm.train.prefetch import DevicePrefetch
+from jaxllm.train.saving import Saver
+from jaxllm.workdir_lock import acquire_for_run, remove_empty_tree
 from jaxllm.train.step import bits_per_byte, jit_train_step, make_eval_step
 
 log = logging.getLogger("jaxllm")
@@ -96,15 +99,24 @@ def train(cfg, workdir: str, *, nan_steps=()) -> dict:
     lead = jax.process_index() == 0
     wd = _abs(workdir)
     check_compatible(cfg, wd)
-    wd.mkdir(parents=True, exist_ok=True)
+    created = not wd.exists()
+    lock = acquire_for_run(str(wd), lead, jax.process_count())  # one run per workdir
     tx = optim.build_optimizer(cfg, guard_nonfinite=False)  # the step guards
     stop = Preemption(check_every=cfg.train.log_every)
-    ckpt = Checkpointer(wd / "checkpoints", cfg)
+    ckpt, ok = Checkpointer(wd / "checkpoints", cfg), False
     try:
-        return _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, tuple(nan_steps))
+        out = _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, tuple(nan_steps))
+        ok = True
+        return out
     finally:
-        stop.restore()
-        ckpt.close()
+        try:
+            stop.restore()
+            ckpt.close()
+        finally:
+            if lock is not None:
+                lock.release()
+                if created and not ok:  # e.g. a data error: leave no empty workdir behind
+                    remove_empty_tree(str(wd))
 
 
 def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, nan_steps) -> dict:
@@ -116,6 +128,7 @@ def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, nan_steps) -> dict:
 
     model_def, state, shardings, train_it, restored_from, samples, events = resume.start(
         cfg, mesh, tx, ckpt, make_iter)
+    held_out = eval_batches(cfg, tokenizer)  # data errors before anything is written
     if lead:
         (wd / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     writer = M.MetricsWriter(str(wd), cfg, enabled=lead)
@@ -129,15 +142,17 @@ def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, nan_steps) -> dict:
                   "devices": jax.device_count(), "processes": jax.process_count(),
                   "mesh": dict(mesh.shape), "device_kind": jax.devices()[0].device_kind,
                   "flops_per_token": fpt, "resumed_from": restored_from})
-    for ev in events:
+    for ev in events + split_events(cfg, tokenizer):
         writer.write(ev)
+    if step0 and step0 >= cfg.train.steps:
+        _nothing_to_train(writer, step0, cfg.train.steps, lead)
+    saver = Saver(cfg, ckpt, writer.write)
 
     batch_sh = parallel.batch_sharding(mesh)
     with parallel.activate(cfg, mesh):
         step_fn = jit_train_step(cfg, model_def, tx, shardings, mesh, nan_steps=nan_steps)
         eval_fn = jax.jit(make_eval_step(cfg, model_def),
                           in_shardings=(shardings["params"], batch_sh))
-    held_out = eval_batches(cfg, tokenizer)
     total, gb, seq = cfg.train.steps, cfg.train.batch_size, cfg.data.seq_len
     bar = tqdm(total=total, initial=step0, disable=not (lead and cfg.log.progress),
                desc="train", unit="step", dynamic_ncols=True)
@@ -151,13 +166,6 @@ def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, nan_steps) -> dict:
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         track(step, m)
         return m
-
-    def save(step, state):
-        t = time.perf_counter()
-        meta = {"config": cfg.to_json_best_effort(), **resume.data_meta(cfg, samples)}
-        if ckpt.save(step, state, train_it, meta):
-            writer.write({"event": "checkpoint", "step": step,
-                          "save_s": time.perf_counter() - t})
 
     step, preempted = step0, False
     try:
@@ -192,7 +200,7 @@ def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, nan_steps) -> dict:
                     bar.write(f"step {step}: eval loss {ev['loss']:.4f}  bpb {ev['bpb']:.4f}")
                     window_t += time.perf_counter() - t_eval  # eval time is not train time
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != total:
-                    save(step, state)
+                    saver.save(step, state, train_it, samples)
                 if stop.should_stop(step):
                     preempted = True
                     break
@@ -200,14 +208,15 @@ def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, nan_steps) -> dict:
                 flush(pending)
     except TrainingDiverged as e:
         bar.close()
+        saver.report(wait=True)
         writer.write({"event": "diverged", "step": step, "message": str(e)})
         writer.close()
         raise
     bar.close()
     if step > step0:
-        save(step, state)
+        saver.save(step, state, train_it, samples)
     if preempted:
-        ckpt.wait()
+        saver.report(wait=True)
         writer.write({"event": "preempted", "step": step, "signal": stop.signum,
                       "exit_status": stop.exit_status})
         writer.close()
@@ -229,6 +238,16 @@ def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, nan_steps) -> dict:
             last["sample"] = cfg.train.sample_prompt + text
             if lead:
                 print("--- sample ---\n" + last["sample"] + "\n--------------", flush=True)
+    saver.report(wait=True)
     writer.close()
     last["step"] = step
     return last
+
+
+def _nothing_to_train(writer, step0: int, steps: int, lead: bool) -> None:
+    """A rerun whose train.steps is not above the trained step: say so (event + stderr)."""
+    writer.write({"event": "nothing_to_train", "step": step0, "train_steps": steps})
+    if lead:
+        print(f"note: the workdir is already trained to step {step0} and train.steps={steps}: "
+              "no steps to run (evaluating only); raise --config.train.steps to train "
+              "further", file=sys.stderr, flush=True)

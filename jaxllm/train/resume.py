@@ -19,13 +19,12 @@
 
 from __future__ import annotations
 
-import json
-
 import jax
 from etils import epath
 
 from jaxllm import parallel
 from jaxllm.config import SHAPE_KEYS, ConfigError
+from jaxllm.runfiles import read_config_json
 from jaxllm.train.state import abstract_state, init_state
 
 RESUME_KEYS = SHAPE_KEYS + ("train.spike_window",)
@@ -40,10 +39,7 @@ def check_compatible(cfg, workdir) -> None:
     path = epath.Path(workdir) / "config.json"
     if not path.exists():
         return
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable saved config ({e})") from None
+    saved = read_config_json(str(path))
     bad = []
     for key in RESUME_KEYS + OPT_STATE_KEYS.get(cfg.optim.name, ()):
         sec, name = key.split(".")
