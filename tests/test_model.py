@@ -10,6 +10,7 @@ import pytest
 from conftest import tiny_cfg
 from flax import nnx
 
+from jaxllm import kernels
 from jaxllm.config import ACTIVATIONS, POS_ENCODINGS, resolved_d_ff
 from jaxllm.model.transformer import Transformer
 
@@ -130,8 +131,8 @@ def test_scan_unroll_keeps_parameters_loss_and_gradients():
     x = jnp.asarray(np.random.default_rng(3).integers(0, 256, (2, 32)), jnp.int32)
     out, trees = {}, {}
     for unroll in (1, 2, 0):
-        _, model = build(n_layers=4, scan_unroll=unroll)
-        assert model.unroll == {1: 1, 2: 2, 0: 4}[unroll]  # this test runs on CPU
+        cfg, model = build(n_layers=4, scan_unroll=unroll)
+        assert scan_unroll(cfg.model) == {1: 1, 2: 2, 0: 4}[unroll]  # this test runs on CPU
         graphdef, state = nnx.split(model)
         trees[unroll] = jax.tree.map(lambda a: (a.shape, a.dtype), nnx.to_pure_dict(state))
 
@@ -146,5 +147,7 @@ def test_scan_unroll_keeps_parameters_loss_and_gradients():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     cfg = tiny_cfg(n_layers=12)
     assert [scan_unroll(cfg.model, p) for p in ("cpu", "gpu", "tpu")] == [12, 1, 1]
+    with kernels.lowering_for("tpu"):  # exporting for a TPU from this CPU host
+        assert scan_unroll(cfg.model) == 1
     cfg.model.scan_unroll = 3
     assert [scan_unroll(cfg.model, p) for p in ("cpu", "gpu")] == [3, 3]

@@ -14,15 +14,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import resolved_d_ff
+from jaxllm.kernels import target_platform
 from jaxllm.model.attention import Attention
 from jaxllm.model.layers import DTYPES, MLP, Embed, Norm, constrain, param
 
 def scan_unroll(m, platform: str | None = None) -> int:
     """Blocks per `lax.scan` iteration: `model.scan_unroll`, or for 0 all of them on CPU and
-    one elsewhere (accelerators keep the compact loop: compile time, same step speed)."""
+    one elsewhere (accelerators keep the compact loop: compile time, same step speed).
+    Read while tracing, for the platform the program is lowered for (`kernels.lowering_for`
+    exports for TPU/GPU from a CPU host)."""
     if m.scan_unroll:
         return min(m.scan_unroll, m.n_layers)
-    return m.n_layers if (platform or jax.default_backend()) == "cpu" else 1
+    return m.n_layers if (platform or target_platform()) == "cpu" else 1
 
 
 REMAT_POLICIES = {
@@ -54,7 +57,6 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.dtype, pd = DTYPES[m.dtype], DTYPES[m.param_dtype]
         self.n_layers, self.scan, self.remat = m.n_layers, m.scan_layers, m.remat
-        self.unroll = scan_unroll(m)
         self.embed = Embed(m.vocab_size, m.d_model, ("vocab", "embed"), m.init_std, self.dtype,
                            pd, rngs)
         self.pos_embed = (Embed(m.max_position or cfg.data.seq_len, m.d_model, (None, "embed"),
@@ -104,7 +106,8 @@ class Transformer(nnx.Module):
             def scan_fn(x, xs):
                 state_l, cache_l = xs
                 return body(x, (state_l, segment_ids, positions, cache_l))
-            x, new_cache = jax.lax.scan(scan_fn, x, (state, layer_cache), unroll=self.unroll)
+            x, new_cache = jax.lax.scan(scan_fn, x, (state, layer_cache),
+                                        unroll=scan_unroll(self.cfg.model))
             if cache is not None:
                 new_cache["index"] = new_cache["index"][0]
         else:
