@@ -1,3 +1,27 @@
-"""jaxllm: a JAX/Flax NNX pre-training stack for decoder-only language models."""
+"""jaxllm: a JAX/Flax NNX pre-training stack for decoder-only language models.
+
+Layers, lowest first. A module imports only from lower layers and from its own package;
+packages on one line are siblings and never import each other (tests/test_layers.py
+parses every import, function-local ones included):
+
+    6  cli, tools/, python -m mains   entry points: flags, `error: ...` + exit 2
+    5  experiments | benchmark | sizing   workflows over the layers below
+    4  train | eval | hf               the training loop; evaluation; HF export/import
+    3  checkpoint, state, run          Orbax checkpoints, the train state's layout,
+                                       opening a run (config.json, newest good params)
+    2  model | data                    NNX modules, forward -> per-token NLL, bits per byte,
+                                       sampling; tokenizers, corpora, grain pipeline,
+                                       config resolution against the tokenizer
+    1  kernels | optim | parallel      attention backends (no Flax), optax transforms,
+                                       meshes and logical-axis rules
+    0  config                          keys, defaults, validation (imports no jaxllm module)
+"""
 
 __version__ = "0.1.0"
+
+# layer of each top-level module or package (the table above); GROUPS joins the modules of
+# one layer that may import each other
+LAYERS = {"config": 0, "kernels": 1, "optim": 1, "parallel": 1, "model": 2, "data": 2,
+          "checkpoint": 3, "state": 3, "run": 3, "train": 4, "eval": 4, "hf": 4,
+          "experiments": 5, "benchmark": 5, "sizing": 5, "cli": 6, "tools": 6}
+GROUPS = {"checkpoint": "run", "state": "run", "run": "run", "cli": "entry", "tools": "entry"}

@@ -1,6 +1,6 @@
 """Training-throughput benchmark: model size x sequence length x position encoding x backend.
 
-Each configuration runs the real train step (`train.state.init_state` +
+Each configuration runs the real train step (`state.init_state` +
 `train.step.jit_train_step`, the construction `train.loop` uses: explicit shardings, donated
 state) on one synthetic token batch, and reports medians over timed steps after warm-up:
 tokens/s per device, MFU (`train.metrics`, the one formula 6N + 12·L·d·T of PaLM and
@@ -32,7 +32,8 @@ from jaxllm import optim, parallel
 from jaxllm.config import POS_ENCODINGS, ConfigError, validate
 from jaxllm.kernels import BACKENDS, resolve_backend
 from jaxllm.train import metrics as M
-from jaxllm.train.state import abstract_model, init_state
+from jaxllm.model.transformer import abstract_model
+from jaxllm.state import init_state
 from jaxllm.train.step import jit_train_step
 
 # GPT-3 / MosaicML shapes: name -> (d_model, n_layers, n_heads).

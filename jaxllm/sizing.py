@@ -100,7 +100,7 @@ def activation_bytes(cfg, mesh_shape) -> dict:
 def report(cfg, n_devices: int) -> dict:
     """Per-device and global bytes of parameters, gradients, optimizer state and estimated
     activations of `cfg` (vocab_size resolved) on `n_devices` devices, nothing allocated."""
-    from jaxllm.train.state import abstract_state
+    from jaxllm.state import abstract_state
 
     mesh = parallel.abstract_mesh(cfg, n_devices)
     shape = tuple(mesh.axis_sizes)

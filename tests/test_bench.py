@@ -20,8 +20,10 @@ from jaxllm.config import ConfigError, defaults, tiny
 from jaxllm.model.transformer import Transformer
 from jaxllm.train import metrics as M
 from jaxllm.train.prefetch import DevicePrefetch
-from jaxllm.train.state import ModelDef, abstract_state
-from jaxllm.train.step import chunk_size, forward_sums, make_train_step
+from jaxllm.model.transformer import ModelDef
+from jaxllm.state import abstract_state
+from jaxllm.model.loss import chunk_size, forward_sums
+from jaxllm.train.step import make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Faster CPU compiles for the subprocess; the numbers it times are not checked.

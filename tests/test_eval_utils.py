@@ -85,9 +85,9 @@ def random_run(tokenizer: str = "byte", **model):
     """A `restore.Run` with freshly initialized params (no checkpoint); a large init_std
     makes the predictions decisive."""
     from jaxllm import optim, parallel
-    from jaxllm.eval.restore import Run
-    from jaxllm.train.loop import resolve
-    from jaxllm.train.state import init_state
+    from jaxllm.run import Run
+    from jaxllm.data.resolve import resolve
+    from jaxllm.state import init_state
 
     cfg = tiny_cfg(**{"init_std": 0.5, **model})
     cfg.train.batch_size = 1

@@ -25,7 +25,7 @@ from jaxllm.config import ConfigError, validate
 from jaxllm.hf import export_hf, family, from_hf, import_hf, to_hf
 from jaxllm.hf.convert import byte_tokenizer_json, restore_params, write_tokenizer
 from jaxllm.hf.mapping import blocks_of
-from jaxllm.train.state import ModelDef, abstract_model
+from jaxllm.model.transformer import ModelDef, abstract_model
 
 # name -> model keys; every family, tied/untied, GQA, biases, scanned and listed blocks
 VARIANTS = {
@@ -241,9 +241,10 @@ def test_checkpoint_round_trip_through_workdir(tmp_path, name):
     from jaxllm import optim, parallel
     from jaxllm.checkpoint import Checkpointer
     from jaxllm.data.pipeline import make_pipeline
-    from jaxllm.hf import load_workdir_config
-    from jaxllm.train.loop import resolve
-    from jaxllm.train.state import abstract_state
+    from jaxllm.config import validate
+    from jaxllm.run import read_config
+    from jaxllm.data.resolve import resolve
+    from jaxllm.state import abstract_state
 
     cfg0, model, hf, tensors = _save_hf(name, tmp_path / "hf")
     base = tiny_cfg(scan_layers=cfg0.model.scan_layers)
@@ -251,7 +252,7 @@ def test_checkpoint_round_trip_through_workdir(tmp_path, name):
     s = import_hf(tmp_path / "hf", tmp_path / "wd", base, tokenizer="byte")
     assert s["family"] == name.split("_")[0]
     # restore exactly as the training loop does (state + data iterator)
-    cfg = load_workdir_config(tmp_path / "wd")
+    cfg = validate(read_config(tmp_path / "wd"))
     tok = resolve(cfg)
     mesh = parallel.make_mesh(cfg)
     tx = optim.build_optimizer(cfg)
@@ -283,13 +284,16 @@ def test_checkpoint_round_trip_through_workdir(tmp_path, name):
 def test_export_bfloat16_trimmed_and_parameters_only(tmp_path):
     import ml_dtypes
 
-    from jaxllm.hf import load_workdir_config, read_hf
+    from jaxllm.config import validate
+    from jaxllm.hf import read_hf
+    from jaxllm.run import read_config
     _, _, hf, tensors = _save_hf("llama", tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "wd", tiny_cfg(), tokenizer="byte")
-    step, params = restore_params(load_workdir_config(tmp_path / "wd"), tmp_path / "wd")
+    step, params = restore_params(validate(read_config(tmp_path / "wd")), tmp_path / "wd")
     assert step == 0 and set(params) == {"embed", "blocks", "ln_f"}
-    with pytest.raises(ConfigError, match=r"--step: 7 is not among the checkpoints \[0\]"):
-        restore_params(load_workdir_config(tmp_path / "wd"), tmp_path / "wd", step=7)
+    with pytest.raises(ConfigError,
+                       match=r"--step: 7 is not among the checkpoints of .* \(available: 0\)"):
+        restore_params(validate(read_config(tmp_path / "wd")), tmp_path / "wd", step=7)
     export_hf(tmp_path / "wd", tmp_path / "bf", dtype="bfloat16", trim_vocab=True, step=0)
     hf2, t2 = read_hf(tmp_path / "bf")
     assert hf2["torch_dtype"] == "bfloat16" and hf2["vocab_size"] == 259
@@ -334,10 +338,11 @@ def test_clis_round_trip_and_error_contract(tmp_path):
     assert any(r.get("event") == "restored" and r["step"] == 0 for r in rows)
     loss = next(r["loss"] for r in rows if r.get("split") == "train")
     from jaxllm.data.pipeline import make_pipeline
-    from jaxllm.hf import load_workdir_config
-    from jaxllm.train.loop import resolve
-    from jaxllm.train.step import forward_sums
-    cfg = load_workdir_config(wd)
+    from jaxllm.config import validate
+    from jaxllm.run import read_config
+    from jaxllm.data.resolve import resolve
+    from jaxllm.model.loss import forward_sums
+    cfg = validate(read_config(wd))
     batch = next(iter(make_pipeline(cfg, resolve(cfg), "train", 0, 1)))
     nll, _, _, w = forward_sums(ModelDef(abstract_model(cfg)[0], cfg), params,
                                 {k: jnp.asarray(v) for k, v in batch.items()}, 0)
@@ -351,8 +356,8 @@ def test_clis_round_trip_and_error_contract(tmp_path):
         f"error: {wd}: already holds checkpoints; use a new --workdir"]
     r = run_cli(["tools/export_hf.py", "--workdir", str(tmp_path / "nope"), "--out", "x"])
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'nope' / 'config.json'}: not found; is {tmp_path / 'nope'} a "
-        "jaxllm workdir?"]
+        f"error: {tmp_path / 'nope' / 'config.json'}: not found; {tmp_path / 'nope'} is not a "
+        "directory (a jaxllm-train --workdir)"]
     assert not os.path.exists(tmp_path / "x")
 
 

@@ -398,8 +398,8 @@ MODEL_MESH_SCRIPT = r"""
 import jax, jax.numpy as jnp, numpy as np
 from jaxllm import parallel
 from jaxllm.config import defaults
-from jaxllm.train.state import init_state
-from jaxllm.train.step import forward_sums
+from jaxllm.state import init_state
+from jaxllm.model.loss import forward_sums
 from jaxllm import optim
 
 def cfg_for(backend, mesh):

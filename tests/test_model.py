@@ -82,8 +82,8 @@ def test_gated_d_ff_rounding_and_gqa_shapes():
 
 
 def _train_losses(cfg, steps):
-    from jaxllm.train.state import ModelDef
-    from jaxllm.train.step import forward_sums
+    from jaxllm.model.transformer import ModelDef
+    from jaxllm.model.loss import forward_sums
     model = Transformer(cfg, nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)

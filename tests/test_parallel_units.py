@@ -82,7 +82,7 @@ def small(**model):
 
 def test_mesh_rules_from_config():
     """`mesh.rules` decides where each logical axis lives; bad entries are config errors."""
-    from jaxllm.train.state import abstract_state
+    from jaxllm.state import abstract_state
     c = small()
     # embed replicated, MLP width over fsdp x tensor; names left out (layers, ...) -> None
     c.mesh.rules = (("embed", None), ("mlp", ("fsdp", "tensor")), ("heads", "tensor"),

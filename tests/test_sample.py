@@ -1,4 +1,4 @@
-"""KV-cached generation (jaxllm/eval/sample.py): equals full recomputation, masks padding."""
+"""KV-cached generation (jaxllm/model/sample.py): equals full recomputation, masks padding."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from test_eval_utils import random_run, ref_forward
 
-from jaxllm.eval.sample import filter_logits, generate
+from jaxllm.model.sample import filter_logits, generate
 
 
 def _greedy_by_recomputation(run, prompt, n_new, vocab_limit):

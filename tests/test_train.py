@@ -82,8 +82,8 @@ def test_gradient_accumulation_equals_one_big_batch():
     import jax
 
     from jaxllm import optim, parallel
-    from jaxllm.train.loop import resolve
-    from jaxllm.train.state import init_state
+    from jaxllm.data.resolve import resolve
+    from jaxllm.state import init_state
     from jaxllm.train.step import make_train_step
 
     def one_step(accum):

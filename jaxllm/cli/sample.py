@@ -35,7 +35,7 @@ def sample(run, prompt: str, *, max_tokens: int, temperature: float, top_k: int,
     import jax
 
     from jaxllm import parallel
-    from jaxllm.eval.sample import continuations
+    from jaxllm.model.sample import continuations
 
     if num < 1:
         raise ValueError(f"--num: must be >= 1, got {num}")
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     with user_errors():
-        from jaxllm.eval.restore import load_run
+        from jaxllm.run import load_run
         try:
             run = load_run(args.workdir, step=args.step, tokenizer=args.tokenizer)
             texts = sample(run, args.prompt, max_tokens=args.max_tokens,

@@ -17,13 +17,12 @@ training windows instead, so they differ slightly from this number.)
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from jaxllm.config import ConfigError
 from jaxllm.eval.scoring import Request
-from jaxllm.train.step import bits_per_byte
+from jaxllm.model.loss import nll_summary
 
 SPLITS = ("eval", "train", "all")
 
@@ -71,10 +70,7 @@ def document_requests(docs, eos_id: int, length: int) -> list[Request]:
 
 
 def summarize(nll: float, tokens: int, n_bytes: int) -> dict:
-    loss = nll / max(tokens, 1)
-    return {"bpb": bits_per_byte(nll, n_bytes), "loss": loss,
-            "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens),
-            "bytes": int(n_bytes)}
+    return {**nll_summary(nll, tokens, n_bytes), "tokens": int(tokens), "bytes": int(n_bytes)}
 
 
 def evaluate_bpb(scorer, docs, seq_len: int, packing: bool = True) -> dict:

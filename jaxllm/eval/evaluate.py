@@ -9,6 +9,10 @@ from __future__ import annotations
 import time
 
 from jaxllm.config import ConfigError
+from jaxllm.eval import bpb, harness
+from jaxllm.eval import extrapolation as ex
+from jaxllm.eval.scoring import Scorer
+from jaxllm.run import load_run
 
 
 def evaluate(workdir: str, *, step: int | None = None, data_path: str | None = None,
@@ -16,11 +20,6 @@ def evaluate(workdir: str, *, step: int | None = None, data_path: str | None = N
              batch_size: int = 8, seq_len: int = 0, packing: bool = True, max_bytes: int = 0,
              tasks: str = "", extrapolation: bool = False, extrap_bytes: int = 65536,
              run=None) -> dict:
-    from jaxllm.eval import bpb, harness
-    from jaxllm.eval import extrapolation as ex
-    from jaxllm.eval.restore import load_run
-    from jaxllm.eval.scoring import Scorer
-
     overrides = {}
     if data_path is not None:
         overrides.update({"data.path": data_path, "data.mixture": ""})
@@ -57,7 +56,6 @@ def evaluate(workdir: str, *, step: int | None = None, data_path: str | None = N
 
 
 def format_report(r: dict) -> str:
-    from jaxllm.eval.extrapolation import format_table
 
     lines = [(f"{r['workdir']} @ step {r['step']}: {r['data']} ({r['split']} split), "
              f"{r['documents']} documents, {r['bytes']:,} bytes, {r['tokens']:,} tokens, "
@@ -77,5 +75,5 @@ def format_report(r: dict) -> str:
     if r.get("extrapolation"):
         lines += ["", ("length extrapolation (training length "
                   f"{r['train_seq_len']}, {r['extrapolation'][0]['tokens'] or 0:,} tokens):"),
-                  format_table(r["extrapolation"])]
+                  ex.format_table(r["extrapolation"])]
     return "\n".join(lines)

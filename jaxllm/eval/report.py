@@ -12,6 +12,7 @@ import math
 import os
 
 from jaxllm.config import ConfigError
+from jaxllm.run import saved_config
 
 
 def read_metrics(workdir: str) -> dict:
@@ -34,10 +35,7 @@ def read_metrics(workdir: str) -> dict:
                 evals[row["step"]] = row
             elif row.get("event") == "start":
                 start.append(row)
-    cfg = {}
-    if os.path.isfile(os.path.join(workdir, "config.json")):
-        with open(os.path.join(workdir, "config.json")) as f:
-            cfg = json.load(f)
+    cfg = saved_config(workdir) or {}
     per_step = 0
     if cfg:
         per_step = cfg["train"]["batch_size"] * cfg["data"]["seq_len"]

@@ -16,71 +16,28 @@ import os
 import pathlib
 import shutil
 
+import jax
 import numpy as np
 
-from jaxllm.config import ConfigError, defaults, validate
+from jaxllm import optim, parallel, run
+from jaxllm.checkpoint import Checkpointer, data_meta
+from jaxllm.config import ConfigError, validate
+from jaxllm.data.pipeline import make_pipeline
+from jaxllm.data.resolve import resolve
+from jaxllm.state import abstract_state, fresh_state
 from jaxllm.hf.mapping import blocks_of, family, to_hf
 from jaxllm.hf.reverse import from_hf
 
 BYTE_SPECIALS = {"<pad>": 256, "<s>": 257, "</s>": 258}  # jaxllm ByteTokenizer ids
 
 
-def load_workdir_config(workdir):
-    """defaults() updated with WORKDIR/config.json, validated."""
-    path = pathlib.Path(workdir) / "config.json"
-    try:
-        saved = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: not found; is {workdir} a jaxllm workdir?") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable ({e})") from None
-    cfg = defaults()
-    for sec, vals in saved.items():
-        if sec in cfg and isinstance(vals, dict):
-            for k, v in vals.items():
-                cfg[sec][k] = tuple(map(tuple, v)) if (sec, k) == ("mesh", "rules") else v
-    return validate(cfg)
-
-
 def restore_params(cfg, workdir, step=None):
-    """(step, params as numpy) from the newest restorable checkpoint (or `step`), read
-    onto a one-device mesh; optimizer state and data iterator are not read."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from jaxllm import optim, parallel
-    from jaxllm.checkpoint import Checkpointer
-    from jaxllm.train.state import abstract_state
-
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
-        raise ConfigError(f"{directory}: no checkpoints directory")
+    """(step, params as numpy) of the newest restorable checkpoint (or `step`), read onto
+    one device (`run.restore_params`)."""
     cfg.mesh.update(data=1, fsdp=1, tensor=1)
     mesh = parallel.make_mesh(cfg, jax.devices()[:1])
-    _, abstract, _ = abstract_state(cfg, mesh, optim.build_optimizer(cfg))
-    target = {"params": abstract["params"]}
-    ckpt = Checkpointer(directory, cfg)
-    steps = ckpt.steps()
-    if step is not None and step not in steps:
-        raise ConfigError(f"--step: {step} is not among the checkpoints {steps}")
-    errors = []
-    try:
-        for s in [step] if step is not None else reversed(steps):
-            try:
-                out = ckpt.manager.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(
-                        item=target, partial_restore=True,
-                        restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
-            except Exception as e:  # noqa: BLE001 (a torn step: fall back, as training does)
-                errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[:1]}")
-                continue
-            params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)),
-                                  out["state"]["params"])
-            return s, params
-    finally:
-        ckpt.close()
-    raise ConfigError(f"{directory}: no checkpoint could be restored"
-                      + (": " + "; ".join(errors) if errors else " (none saved)"))
+    _, params, got = run.restore_params(cfg, workdir, mesh, step)
+    return got, jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -146,7 +103,7 @@ def export_hf(workdir, out, *, step=None, dtype=None, trim_vocab=False, tokenize
     from safetensors.numpy import save_file
 
     from jaxllm.config import DTYPES
-    cfg = load_workdir_config(workdir)
+    cfg = validate(run.read_config(workdir))
     fam = family(cfg.model)  # refuse before reading any checkpoint
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype: got {dtype!r}; allowed: {', '.join(DTYPES)}")
@@ -230,19 +187,13 @@ CONFIG_PY = '''"""Config of this imported workdir: jaxllm defaults updated with 
 
 `jaxllm-train --config={path} --workdir={workdir} [--config.KEY=VALUE ...]`
 """
-import json
 import pathlib
 
-from jaxllm.config import defaults
+from jaxllm.run import read_config
 
 
 def get_config(arg=None):
-    cfg = defaults()
-    saved = json.loads((pathlib.Path(__file__).parent / "config.json").read_text())
-    for sec, vals in saved.items():
-        for key, value in vals.items():
-            cfg[sec][key] = tuple(map(tuple, value)) if key == "rules" else value
-    return cfg
+    return read_config(pathlib.Path(__file__).parent)
 '''
 
 
@@ -254,15 +205,6 @@ def import_hf(hf_dir, workdir, cfg, tokenizer=None) -> dict:
         raise ConfigError(f"{wd}: already holds checkpoints; use a new --workdir")
     hf, tensors = read_hf(d)
     keys, params = from_hf(hf, tensors, str(d / "config.json"))
-
-    import jax
-
-    from jaxllm import optim, parallel
-    from jaxllm.checkpoint import Checkpointer
-    from jaxllm.data.pipeline import make_pipeline
-    from jaxllm.train import resume
-    from jaxllm.train.loop import resolve
-    from jaxllm.train.state import abstract_state, fresh_state
 
     cfg.model.update(keys)
     cfg.data.tokenizer = _tokenizer_for_import(d, wd, tokenizer)
@@ -287,7 +229,7 @@ def import_hf(hf_dir, workdir, cfg, tokenizer=None) -> dict:
         wd.mkdir(parents=True, exist_ok=True)
         ckpt = Checkpointer(str((wd / "checkpoints").resolve()), cfg)
         ckpt.save(0, state, train_it, {"config": cfg.to_json_best_effort(),
-                                       **resume.data_meta(cfg, 0)})
+                                       **data_meta(cfg, 0)})
         ckpt.close()
     if jax.process_index() == 0:
         (wd / "config.json").write_text(cfg.to_json_best_effort(indent=2))

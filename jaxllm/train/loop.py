@@ -13,46 +13,28 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
-import os
 import time
 
 import jax
-from etils import epath
 from tqdm import tqdm
 
 from jaxllm import optim, parallel
-from jaxllm.checkpoint import Checkpointer
-from jaxllm.config import ConfigError, padded_vocab, validate
+from jaxllm.checkpoint import Checkpointer, data_meta
 from jaxllm.data.pipeline import make_pipeline
-from jaxllm.data.tokenizers import load_tokenizer
-from jaxllm.eval.sample import continuations
+from jaxllm.data.resolve import resolve
+from jaxllm.model.sample import continuations
+from jaxllm.run import workdir_path
+from jaxllm.model.transformer import position_limit
 from jaxllm.train import metrics as M
 from jaxllm.train import resume
 from jaxllm.train.guard import GUARD_KEYS, SkipTracker, TrainingDiverged
 from jaxllm.train.preempt import Preemption
 from jaxllm.train.resume import check_compatible
 from jaxllm.train.prefetch import DevicePrefetch
-from jaxllm.train.step import bits_per_byte, jit_train_step, make_eval_step
+from jaxllm.model.loss import nll_summary
+from jaxllm.train.step import jit_train_step, make_eval_step
 
 log = logging.getLogger("jaxllm")
-
-
-def resolve(cfg):
-    """Fill derived values (vocab size from the tokenizer); validate; return the tokenizer."""
-    validate(cfg)
-    try:
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-    except (OSError, ValueError) as e:
-        msg = str(e)
-        raise ConfigError(msg if msg.startswith("data.tokenizer") else
-                          f"data.tokenizer: {msg}") from None
-    if not cfg.model.vocab_size:
-        cfg.model.vocab_size = padded_vocab(tokenizer.vocab_size)
-    elif cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
-                          f"tokenizer's {tokenizer.vocab_size}")
-    return tokenizer
 
 
 def eval_batches(cfg, tokenizer) -> list:
@@ -67,14 +49,7 @@ def _eval(eval_fn, params, batches, mesh):
         out = jax.device_get(eval_fn(params, parallel.global_batch(local, mesh)))
         for k in tot:
             tot[k] += float(out[k])
-    loss = tot["nll"] / max(tot["tokens"], 1)
-    return {"loss": loss, "bpb": bits_per_byte(tot["nll"], tot["bytes"]),
-            "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tot["tokens"]}
-
-
-def _abs(workdir) -> epath.Path:
-    """The workdir as an epath: local paths made absolute, gs:// and the like kept."""
-    return epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
+    return {**nll_summary(tot["nll"], tot["tokens"], tot["bytes"]), "eval_tokens": tot["tokens"]}
 
 
 def _with_seed(cfg, seed: int):
@@ -94,7 +69,7 @@ def train(cfg, workdir: str, *, nan_steps=()) -> dict:
     tokenizer = resolve(cfg)
     mesh = parallel.make_mesh(cfg)
     lead = jax.process_index() == 0
-    wd = _abs(workdir)
+    wd = workdir_path(workdir)
     check_compatible(cfg, wd)
     wd.mkdir(parents=True, exist_ok=True)
     tx = optim.build_optimizer(cfg, guard_nonfinite=False)  # the step guards
@@ -154,7 +129,7 @@ def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, nan_steps) -> dict:
 
     def save(step, state):
         t = time.perf_counter()
-        meta = {"config": cfg.to_json_best_effort(), **resume.data_meta(cfg, samples)}
+        meta = {"config": cfg.to_json_best_effort(), **data_meta(cfg, samples)}
         if ckpt.save(step, state, train_it, meta):
             writer.write({"event": "checkpoint", "step": step,
                           "save_s": time.perf_counter() - t})
@@ -219,8 +194,8 @@ def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, lead, nan_steps) -> dict:
         if lead:
             print(f"step {step}: eval loss {ev['loss']:.4f}  bpb {ev['bpb']:.4f}", flush=True)
         n_new = cfg.train.sample_tokens
-        if cfg.model.pos_encoding == "learned":  # stay inside the position table
-            table = cfg.model.max_position or cfg.data.seq_len
+        table = position_limit(cfg)
+        if table is not None:  # stay inside the position table
             n_new = min(n_new, table - 1 - len(tokenizer.encode(cfg.train.sample_prompt)))
         if n_new > 0:
             text = continuations(model_def, state["params"], tokenizer, cfg.train.sample_prompt,

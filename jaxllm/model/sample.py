@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.model.transformer import position_limit
+
 
 def filter_logits(logits, temperature: float, top_k: int, top_p: float, vocab_limit: int):
     """Mask ids >= vocab_limit (vocabulary padding), then apply temperature/top-k/top-p."""
@@ -36,13 +38,12 @@ def filter_logits(logits, temperature: float, top_k: int, top_p: float, vocab_li
 def check_args(cfg, prompt_len: int, n_new: int, temperature: float, top_k: int,
                top_p: float) -> None:
     """ValueError naming the argument when a request cannot be served."""
-    m = cfg.model
     if prompt_len < 1 or n_new < 1:
         raise ValueError(f"prompt ({prompt_len} tokens) and max_tokens ({n_new}) must be >= 1")
-    if m.pos_encoding == "learned" and prompt_len + n_new > (m.max_position or cfg.data.seq_len):
+    limit = position_limit(cfg)
+    if limit is not None and prompt_len + n_new > limit:
         raise ValueError(f"max_tokens: prompt ({prompt_len} tokens) + {n_new} new tokens "
-                         f"exceed the learned position table "
-                         f"({m.max_position or cfg.data.seq_len})")
+                         f"exceed the learned position table ({limit})")
     if temperature < 0:
         raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
