@@ -23,6 +23,7 @@ BACKENDS = ("auto", "xla", "cudnn", "flash")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 OPTIMIZERS = ("adamw", "lion", "sophia_g", "sophia_h", "adam8bit", "sgd")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
+HESSIAN_SCHEDULES = ("official", "paper")
 PACKING = ("concat", "first_fit")
 
 # Logical axis -> mesh axes. Parameters and activations carry the logical names; this
@@ -87,6 +88,7 @@ def defaults() -> ConfigDict:
     o.nesterov = True  # sgd Nesterov momentum
     o.hessian_every = 10  # sophia: refresh the Hessian estimate every k steps
     o.gamma = config_dict.placeholder(float)  # sophia: 0.05 (G) / 0.01 (H) when None
+    o.hessian_schedule = "official"  # sophia: official (h = 0 for k steps) | paper (step 0)
     o.block_size = 256  # adam8bit: quantization block
     o.min_8bit_size = 4096  # adam8bit: tensors smaller than this stay float32
     o.fp32_embedding_state = False  # adam8bit: embedding tables keep float32 moments
@@ -114,6 +116,7 @@ def defaults() -> ConfigDict:
     d.seq_len = 1024  # tokens per training sequence
     d.packing = "concat"  # concat (concat-then-split) | first_fit
     d.eval_fraction = 0.05  # share of documents held out for eval
+    d.valid_fraction = 0.0  # share held out for validation (e.g. lr choice); 0 = none
     d.mixture = ""  # "path1:weight,path2:weight" weighted mixture of prepared datasets
     d.text_field = "text"  # JSON Lines field / Parquet column holding the text
     d.prefetch = 2  # batches prepared ahead in a background thread
@@ -234,6 +237,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _typed(cfg, "optim.momentum", float, lo=0.0, hi=1.0)
     _typed(cfg, "optim.warmup_steps", int, lo=0)
     _typed(cfg, "optim.hessian_every", int, lo=1)
+    _choice(cfg, "optim.hessian_schedule", HESSIAN_SCHEDULES)
     _typed(cfg, "optim.block_size", int, lo=1)
     _typed(cfg, "optim.min_8bit_size", int, lo=0)
     for key in ("optim.nesterov", "optim.decay_embeddings", "optim.fp32_embedding_state"):
@@ -258,6 +262,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _typed(cfg, "data.seq_len", int, lo=2)
     _choice(cfg, "data.packing", PACKING)
     _typed(cfg, "data.eval_fraction", float, lo=0.0, hi=0.5)
+    _typed(cfg, "data.valid_fraction", float, lo=0.0, hi=0.5)
     _typed(cfg, "data.mixture", str)
     _typed(cfg, "data.text_field", str)
     _typed(cfg, "data.prefetch", int, lo=0)

@@ -316,13 +316,14 @@ def test_sophia_h_estimate_matches_exact_hessian_diagonal():
 
 def test_hessian_extra_args_refresh_every_k_steps():
     model_fn, params, batch = _softmax_regression()
-    cfg = make_cfg("sophia_g", hessian_every=10)
-    fn = jax.jit(lambda s: optim.hessian_extra_args(cfg, s, model_fn, params, batch,
-                                                    jax.random.key(0)))
-    for step, refresh in ((0, True), (1, False), (9, False), (10, True), (20, True)):
-        out = fn(step)
-        assert bool(out["refresh"]) is refresh
-        assert bool(jnp.any(out["hessian"]["w"] != 0)) is refresh
+    for schedule, first in (("official", False), ("paper", True)):
+        cfg = make_cfg("sophia_g", hessian_every=10, hessian_schedule=schedule)
+        fn = jax.jit(lambda s, cfg=cfg: optim.hessian_extra_args(
+            cfg, s, model_fn, params, batch, jax.random.key(0)))
+        for step, refresh in ((0, first), (1, False), (9, False), (10, True), (20, True)):
+            out = fn(step)
+            assert bool(out["refresh"]) is refresh
+            assert bool(jnp.any(out["hessian"]["w"] != 0)) is refresh
     assert optim.hessian_extra_args(make_cfg("adamw"), 0, model_fn, params, batch, None) == {}
     tx = optim.build_optimizer(cfg)  # the full chain accepts the extra args
     state = tx.init(params)

@@ -36,8 +36,9 @@ def parser() -> argparse.ArgumentParser:
                    help="evaluate on this data instead (prepared dir, .txt/.jsonl/.parquet, glob)")
     p.add_argument("--data.text_field", dest="text_field", default=None,
                    help="JSON Lines field / Parquet column of the text")
-    p.add_argument("--split", default="eval", choices=("eval", "train", "all"),
-                   help="documents to score: the held-out split (default), train or all")
+    p.add_argument("--split", default="eval", choices=("eval", "valid", "train", "all"),
+                   help="documents to score: the held-out split (default), valid (the "
+                        "data.valid_fraction split), train or all")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer path if it moved (must be the one the model trained with)")
     p.add_argument("--batch_size", type=int, default=8, help="rows per batch")

@@ -3,7 +3,7 @@
 Every Python install carries it, so nothing is downloaded. Files are read in sorted order
 (test suites and site-packages excluded); each file is one document; the train/eval split
 is by file: a stable hash of the relative path puts about `eval_fraction` of the files in
-eval.
+eval (and `valid_fraction` in a validation split, when asked for).
 """
 
 from __future__ import annotations
@@ -25,17 +25,21 @@ def stdlib_files() -> list[pathlib.Path]:
                   if not SKIP_DIRS.intersection(p.relative_to(root).parts[:-1]))
 
 
-def in_eval_split(name: str, eval_fraction: float) -> bool:
-    """Stable, order-free split by document name."""
-    return (zlib.crc32(name.encode()) % 10_000) < eval_fraction * 10_000
+def split_of(name: str, eval_fraction: float, valid_fraction: float = 0.0) -> str:
+    """Stable, order-free split by document name: "eval", "valid" (the next hash
+    bucket; none when valid_fraction is 0) or "train"."""
+    bucket = zlib.crc32(name.encode()) % 10_000
+    if bucket < eval_fraction * 10_000:
+        return "eval"
+    return "valid" if bucket < (eval_fraction + valid_fraction) * 10_000 else "train"
 
 
-def embedded_documents(split: str, eval_fraction: float = 0.05):
+def embedded_documents(split: str, eval_fraction: float = 0.05, valid_fraction: float = 0.0):
     """Yield (name, text) for the stdlib files of one split, in a fixed order."""
     root = stdlib_root()
     for path in stdlib_files():
         name = path.relative_to(root).as_posix()
-        if in_eval_split(name, eval_fraction) != (split == "eval"):
+        if split_of(name, eval_fraction, valid_fraction) != split:
             continue
         text = path.read_bytes().decode("utf-8", errors="replace")
         if text.strip():

@@ -9,7 +9,9 @@ Sources: the embedded corpus (`data.path == ""`), a prepared directory
 (`tools/prepare_data.py`), raw `.txt/.jsonl/.parquet` files or globs (prepared once into
 `.jaxllm_cache/` beside them), or a weighted mixture (`data.mixture = "a:3,b:1"`, mixed by
 `grain.MapDataset.mix`). Prepared data is split into train/eval by document
-(`prepare.eval_mask`); the embedded corpus by file name (`corpus.in_eval_split`).
+(`prepare.split_mask`); the embedded corpus by file name (`corpus.split_of`). With
+`data.valid_fraction` > 0 a third split, `valid`, is cut from what was train (the eval
+documents stay the same); it is read like eval.
 
 Packing (`data.packing`):
 - `concat`: the split's documents, each followed by EOS, are concatenated and cut into
@@ -43,7 +45,7 @@ import numpy as np
 
 from jaxllm.config import ConfigError
 from jaxllm.data.corpus import embedded_documents, expand_inputs
-from jaxllm.data.prepare import PreparedData, cache_dir_for, eval_mask, prepare
+from jaxllm.data.prepare import PreparedData, cache_dir_for, prepare, split_mask
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "target_bytes")
 # Elements are cheap memory-mapped slices: two reader threads keep up, and grain's default
@@ -218,10 +220,12 @@ def load_split(cfg, tokenizer, split: str, path: str | None = None,
     path = cfg.data.path if path is None else path
     if not path:
         return Split.from_stream(
-            token_stream(tokenizer, embedded_documents(split, cfg.data.eval_fraction)),
+            token_stream(tokenizer, embedded_documents(split, cfg.data.eval_fraction,
+                                                       cfg.data.valid_fraction)),
             tokenizer.eos_id)
     data = open_prepared(path, cfg, tokenizer, key)
-    docs = np.flatnonzero(eval_mask(len(data), cfg.data.eval_fraction) == (split == "eval"))
+    docs = np.flatnonzero(split_mask(len(data), split, cfg.data.eval_fraction,
+                                     cfg.data.valid_fraction))
     return Split(data.doc_len[docs] + 1, doc_fn=lambda j: data.doc(docs[j]))
 
 
@@ -262,8 +266,8 @@ def _make_pipeline(cfg, tokenizer, split, process_index, process_count, batch_si
     if batch_size % process_count:
         raise ValueError(f"train.batch_size: {batch_size} is not divisible by "
                          f"{process_count} processes")
-    if split not in ("train", "eval"):
-        raise ValueError(f"split: got {split!r}; allowed: train, eval")
+    if split not in ("train", "valid", "eval"):
+        raise ValueError(f"split: got {split!r}; allowed: train, valid, eval")
     seq_len, packing, seed = cfg.data.seq_len, cfg.data.packing, cfg.train.seed
     element = PackedWindows if packing == "concat" else DocPieces
     sources = []

@@ -16,7 +16,8 @@ documents/s (59M tokens/s) against 11k documents/s (12M tokens/s) through
 record decodes.
 
 The train/eval split is made when reading, by document: a fixed hash of the document index
-puts about `eval_fraction` of the documents in eval, so the splits are disjoint.
+puts about `eval_fraction` of the documents in eval, so the splits are disjoint (and with
+`data.valid_fraction` > 0 the next hash bucket is a third, validation split).
 """
 
 from __future__ import annotations
@@ -228,14 +229,31 @@ class PreparedData:
         return self.shards[self.doc_shard[i]][s:s + self.doc_len[i] + 1]
 
 
-def eval_mask(n_docs: int, eval_fraction: float) -> np.ndarray:
-    """True for the documents of the eval split: a fixed hash (splitmix64) of the index."""
+def doc_buckets(n_docs: int) -> np.ndarray:
+    """A fixed hash (splitmix64) of each document index, in [0, 10000)."""
     z = np.arange(n_docs, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
     with np.errstate(over="ignore"):
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
-    return (z % np.uint64(10_000)) < np.uint64(round(eval_fraction * 10_000))
+    return z % np.uint64(10_000)
+
+
+def eval_mask(n_docs: int, eval_fraction: float) -> np.ndarray:
+    """True for the documents of the eval split."""
+    return doc_buckets(n_docs) < np.uint64(round(eval_fraction * 10_000))
+
+
+def split_mask(n_docs: int, split: str, eval_fraction: float,
+               valid_fraction: float = 0.0) -> np.ndarray:
+    """True for the documents of `split` (train / valid / eval): buckets below
+    eval_fraction are eval (the same documents with or without a validation split), the
+    next valid_fraction valid, the rest train; with valid_fraction 0, train is exactly
+    the complement of `eval_mask`."""
+    b = doc_buckets(n_docs)
+    lo = np.uint64(round(eval_fraction * 10_000))
+    hi = lo + np.uint64(round(valid_fraction * 10_000))
+    return {"eval": b < lo, "valid": (b >= lo) & (b < hi), "train": b >= hi}[split]
 
 
 def cache_dir_for(files: list[str], tokenizer_spec: str, tok, text_field: str) -> pathlib.Path:

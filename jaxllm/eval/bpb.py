@@ -24,7 +24,7 @@ from jaxllm.config import ConfigError
 from jaxllm.eval.scoring import Request
 from jaxllm.model.loss import nll_summary
 
-SPLITS = ("eval", "train", "all")
+SPLITS = ("eval", "valid", "train", "all")
 
 
 def eval_documents(cfg, tokenizer, split: str = "eval", max_bytes: int = 0) -> list[np.ndarray]:
@@ -36,7 +36,9 @@ def eval_documents(cfg, tokenizer, split: str = "eval", max_bytes: int = 0) -> l
 
     if split not in SPLITS:
         raise ConfigError(f"--split: got {split!r}; allowed: {', '.join(SPLITS)}")
-    parts = ("eval", "train") if split == "all" else (split,)
+    parts = (split,)
+    if split == "all":
+        parts = ("eval", "valid", "train") if cfg.data.valid_fraction else ("eval", "train")
     sources = [(None, "data.path")]
     if cfg.data.mixture and not cfg.data.path:
         sources = [(p, "data.mixture") for p, _ in parse_mixture(cfg.data.mixture)]

@@ -33,6 +33,8 @@ decided by key paths, never by ndim: scanned layers make norm scales 2-D.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -80,7 +82,8 @@ def resolved_hparams(cfg) -> dict:
     if name != "lion":
         out["eps"] = pick("eps")
     if name.startswith("sophia"):
-        out.update(gamma=pick("gamma"), hessian_every=int(o.hessian_every))
+        out.update(gamma=pick("gamma"), hessian_every=int(o.hessian_every),
+                   hessian_schedule=o.hessian_schedule)
     if name == "adam8bit":
         out.update(block_size=int(o.block_size), min_8bit_size=int(o.min_8bit_size),
                    fp32_embedding_state=bool(o.fp32_embedding_state))
@@ -205,15 +208,22 @@ def hessian_estimator(cfg):
 def hessian_extra_args(cfg, step, model_fn, params, batch, rng) -> dict:
     """Extra keyword arguments for `tx.update` at optimizer step `step` (0-based).
 
-    {} for non-Sophia optimizers. For Sophia: `refresh = step % optim.hessian_every == 0`
-    (the first step refreshes, so h is never all-zero after it) and `hessian` = the
-    estimate on refresh steps, zeros otherwise, chosen with `lax.cond` so the extra
-    forward/backward pass only runs on refresh steps. `step` may be traced.
+    {} for non-Sophia optimizers. For Sophia, `refresh` follows `optim.hessian_schedule`
+    (jaxllm.optim.sophia): `official` refreshes at steps s = k, 2k, ... (after steps
+    t % k == k - 1, so steps 0..k-1 run with h = 0) with Sophia-G's sampled-label gradient
+    clipped to `optim.clip`; `paper` refreshes at s % k == 0, step 0 included, unclipped.
+    `hessian` is the estimate on refresh steps, zeros otherwise, chosen with `lax.cond` so
+    the extra forward/backward pass only runs on refresh steps. `step` may be traced.
     """
     est = hessian_estimator(cfg)
     if est is None:
         return {}
-    refresh = jnp.asarray(step) % cfg.optim.hessian_every == 0
+    step = jnp.asarray(step)
+    refresh = step % cfg.optim.hessian_every == 0
+    if cfg.optim.hessian_schedule == "official":
+        refresh = jnp.logical_and(refresh, step > 0)
+        if est is gauss_newton_bartlett:
+            est = functools.partial(est, clip=float(cfg.optim.clip))
 
     def zeros():
         return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)

@@ -7,6 +7,22 @@ Language Model Pre-training" (2023). Per step:
     every k steps:  h <- b2·h + (1-b2)·ĥ          (ĥ a fresh diagonal-Hessian estimate)
     θ <- θ - lr·clip(m / max(γ·h, ε), -1, 1) - lr·wd·θ
 
+When h is refreshed (`optim.hessian_schedule`, chosen in `optim.build.hessian_extra_args`):
+- `official` (default): as the authors' training loop (github.com/Liuhong99/Sophia,
+  train_sophiag.py) does it: after every step t with t % k == k - 1 the estimate is taken
+  at the updated parameters and the EMA refreshed, so steps 0..k-1 run with h = 0 (every
+  coordinate a clipped sign step, which the long warmup absorbs) and the first refresh
+  feeds step k. Here that estimate is computed at the start of step t + 1 (same
+  parameters, before its update), on that step's batch; the official loop draws one more
+  batch for it, which changes nothing in expectation. The sampled-label gradient is
+  clipped to `optim.clip` before squaring, as the official loop does. Levanter's Sophia-G
+  and Sophia-H (github.com/stanford-crfm/levanter, optim/sophia.py, written with the
+  authors) refresh on the same steps, so Sophia-H follows it too (its ĥ has no gradient
+  to clip).
+- `paper`: Algorithm 3 of the paper as printed: refresh at t mod k = 1 counting from 1,
+  i.e. before the updates of steps 0, k, 2k, ...; ĝ not clipped (the schedule used here
+  before; kept to reproduce older runs).
+
 The estimate ĥ is computed by the train step (it needs the model and the batch) with one
 of the estimators below and handed to the optimizer as extra arguments of `update`:
 `tx.update(grads, state, params, hessian=ĥ, refresh=flag)`. With `refresh` False (or
@@ -107,11 +123,14 @@ def _weighted_mean_ce(logits, labels, weights):
     return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def gauss_newton_bartlett(model_fn, params, batch, rng):
+def gauss_newton_bartlett(model_fn, params, batch, rng, clip: float = 0.0):
     """Sophia-G estimate ĥ = N·ĝ⊙ĝ, ĝ the mean-loss gradient on labels sampled from the model.
 
     One forward and one backward pass: the logits' cotangent of the weighted mean
     cross-entropy on ŷ is `w·(softmax(logits) - onehot(ŷ)) / N`, pulled back by `jax.vjp`.
+    With `clip` > 0, ĝ is first clipped to that global norm, as the official loop clips
+    the sampled-label gradient with the training `grad_clip` before `update_hessian`
+    squares it.
     """
     (out, weights), pullback = jax.vjp(lambda p: model_fn(p, batch), params)
     logits = jax.lax.stop_gradient(out).astype(jnp.float32)
@@ -126,6 +145,8 @@ def gauss_newton_bartlett(model_fn, params, batch, rng):
     else:
         w_ct = jnp.zeros(weights.shape, jax.dtypes.float0)
     (g,) = pullback((dlogits.astype(out.dtype), w_ct))
+    if clip > 0:
+        g, _ = optax.clip_by_global_norm(clip).update(g, optax.EmptyState())
     return jax.tree.map(lambda x: n * jnp.square(x.astype(jnp.float32)), g)
 
 
