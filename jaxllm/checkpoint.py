@@ -32,7 +32,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxllm.config import ConfigError
+from jaxllm.config import ConfigError, get_key
 
 log = logging.getLogger("jaxllm")
 
@@ -175,4 +175,4 @@ def data_meta(cfg, samples_seen: int) -> dict:
     """What a checkpoint records about the data position, besides the iterator state."""
     return {"process_count": jax.process_count(), "global_batch": cfg.train.batch_size,
             "samples_seen": int(samples_seen),
-            **{k: cfg[k.split(".")[0]][k.split(".")[1]] for k in LAYOUT_KEYS}}
+            **{k: get_key(cfg, k) for k in LAYOUT_KEYS}}

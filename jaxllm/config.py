@@ -171,19 +171,50 @@ def _check(ok: bool, key: str, what: str) -> None:
 
 
 def _choice(cfg: ConfigDict, key: str, choices) -> None:
-    v = _get(cfg, key)
+    v = get_key(cfg, key)
     _check(v in choices, key, f"got {v!r}; allowed: {', '.join(choices)}")
 
 
-def _get(cfg: ConfigDict, key: str):
+def unknown_key(cfg, key: str) -> str | None:
+    """None when the dotted `key` names an entry of `cfg` (a ConfigDict or a dict); else the
+    error message: the first unknown part and the keys allowed where it stops."""
+    node, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        if not hasattr(node, "keys") or part not in node:
+            where = ".".join(parts[:i]) or "the top level"
+            allowed = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+            return f"{key}: unknown config key; keys under {where}: {allowed}"
+        node = node[part]
+    return None
+
+
+def get_key(cfg, key: str, default=...):
+    """The value at dotted `key` ("model.d_model") of a ConfigDict or a nested dict; a
+    missing key gives `default`, or ConfigError naming it when no default is given."""
+    msg = unknown_key(cfg, key)
+    if msg is not None:
+        if default is ...:
+            raise ConfigError(msg)
+        return default
     node = cfg
     for part in key.split("."):
         node = node[part]
     return node
 
 
+def set_key(cfg, key: str, value) -> None:
+    """Set dotted `key` of `cfg`; ConfigError naming the key when the schema lacks it."""
+    head, _, last = key.rpartition(".")
+    parent = get_key(cfg, head) if head else cfg
+    msg = unknown_key(cfg, key)
+    if msg is not None:
+        raise ConfigError(msg)
+    parent[last] = value
+
+
+
 def _typed(cfg: ConfigDict, key: str, kind, *, lo=None, hi=None, optional=False) -> None:
-    v = _get(cfg, key)
+    v = get_key(cfg, key)
     if v is None and optional:
         return
     name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
@@ -273,7 +304,7 @@ def validate(cfg: ConfigDict) -> ConfigDict:
 
     for key in ("mesh.data", "mesh.fsdp", "mesh.tensor"):
         _typed(cfg, key, int, lo=-1)
-        _check(_get(cfg, key) != 0, key, "must be a positive device count or -1 (the rest)")
+        _check(get_key(cfg, key) != 0, key, "must be a positive device count or -1 (the rest)")
     _check([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1, "mesh",
            "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     _check(m.n_heads % max(cfg.mesh.tensor, 1) == 0 and kv % max(cfg.mesh.tensor, 1) == 0,

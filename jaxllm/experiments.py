@@ -30,7 +30,7 @@ import os
 
 from ml_collections import ConfigDict
 
-from jaxllm.config import ConfigError, validate
+from jaxllm.config import ConfigError, set_key, unknown_key, validate
 
 COLUMNS = ["cell", "bpb", "train_eval_bpb", "final_loss", "tokens_per_s", "params", "step",
            "tokens"]
@@ -74,15 +74,10 @@ def restrict(grid: dict, only: dict[str, list[str]]) -> dict:
 
 
 def _set(cfg: ConfigDict, key: str, value) -> None:
-    node, *parts = key.split(".")
-    target = cfg
-    for part in [node, *parts[:-1]]:
-        if part not in target:
-            raise ConfigError(f"grid: unknown config key {key!r}")
-        target = target[part]
-    if parts[-1] not in target:
-        raise ConfigError(f"grid: unknown config key {key!r}")
-    target[parts[-1]] = value
+    msg = unknown_key(cfg, key)
+    if msg:
+        raise ConfigError(f"grid: unknown config key {key!r} ({msg.split('; ', 1)[1]})")
+    set_key(cfg, key, value)
 
 
 def cells(grid: dict) -> list[tuple[str, dict, dict]]:

@@ -26,7 +26,7 @@ from ml_collections import ConfigDict
 
 from jaxllm import parallel
 from jaxllm.checkpoint import Checkpointer
-from jaxllm.config import ConfigError, defaults, validate
+from jaxllm.config import ConfigError, defaults, set_key, validate
 from jaxllm.data.resolve import resolve
 from jaxllm.model.transformer import ModelDef, abstract_model
 
@@ -132,8 +132,7 @@ def load_run(workdir: str, *, step: int | None = None, tokenizer: str | None = N
     if tokenizer:
         cfg.data.tokenizer = tokenizer
     for key, value in (overrides or {}).items():
-        sec, name = key.split(".")
-        cfg[sec][name] = value
+        set_key(cfg, key, value)
     cfg.mesh.update(data=-1, fsdp=1, tensor=1)
     cfg.train.grad_accum = 1
     cfg.train.batch_size = jax.device_count()

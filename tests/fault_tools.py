@@ -67,11 +67,10 @@ def events(workdir, name: str) -> list[dict]:
 
 def tiny_cfg(**overrides):
     """The tiny config as a ConfigDict for in-process `train()` calls."""
-    from jaxllm.config import tiny
+    from jaxllm.config import set_key, tiny
     cfg = tiny()
     for k, v in {**TINY, **overrides}.items():
-        sec, name = k.split(".")
-        cfg[sec][name] = v
+        set_key(cfg, k, v)
     return cfg
 
 

@@ -135,3 +135,25 @@ def test_wandb_logging_path_with_a_stub_module(tmp_path, monkeypatch):
            for k, v in c[2].items() if k.endswith("/loss")]
     assert got == want and {s for s, split, _ in got if split == "eval"} == {5, 10}
     assert calls[-1] == ("finish",)
+
+
+def test_dotted_keys_one_walk():
+    """get_key / set_key / unknown_key: the one walk over dotted keys (CLI overrides,
+    ablation grids, resume checks, eval overrides all use it)."""
+    from jaxllm.config import get_key, set_key, unknown_key
+    cfg = tiny()
+    assert get_key(cfg, "model.d_model") == 128 and get_key(cfg, "mesh.rules")[0][0] == "batch"
+    set_key(cfg, "optim.lr", 0.5)
+    assert cfg.optim.lr == 0.5
+    assert get_key({"model": {"d_model": 7}}, "model.d_model") == 7  # a saved config.json
+    assert get_key({"model": {}}, "model.d_model", None) is None
+    assert unknown_key(cfg, "train.steps") is None
+    assert unknown_key(cfg, "train.nope").startswith(
+        "train.nope: unknown config key; keys under train: batch_size, ")
+    assert unknown_key(cfg, "nope.x").startswith("nope.x: unknown config key; keys under the "
+                                                 "top level: checkpoint, data, ")
+    assert "keys under model.d_model: none" in unknown_key(cfg, "model.d_model.x")
+    for bad in (lambda: set_key(cfg, "model.zz", 1), lambda: get_key(cfg, "zz.a")):
+        with pytest.raises(ConfigError, match="unknown config key"):
+            bad()
+    assert "zz" not in cfg.model

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from jaxllm import parallel
 from jaxllm.checkpoint import data_meta
-from jaxllm.config import SHAPE_KEYS, ConfigError
+from jaxllm.config import SHAPE_KEYS, ConfigError, get_key
 from jaxllm.run import saved_config
 from jaxllm.state import abstract_state, init_state
 
@@ -38,10 +38,9 @@ def check_compatible(cfg, workdir) -> None:
         return
     bad = []
     for key in RESUME_KEYS + OPT_STATE_KEYS.get(cfg.optim.name, ()):
-        sec, name = key.split(".")
-        old = saved.get(sec, {}).get(name)
-        if old is not None and old != cfg[sec][name]:
-            bad.append(f"{key} (saved {old!r}, now {cfg[sec][name]!r})")
+        old, now = get_key(saved, key, None), get_key(cfg, key)
+        if old is not None and old != now:
+            bad.append(f"{key} (saved {old!r}, now {now!r})")
     if bad:
         raise ConfigError(f"{workdir}: config incompatible with its checkpoints: "
                           + ", ".join(bad) + "; use a new --workdir or restore the values")
