@@ -29,7 +29,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from jaxllm import optim, parallel
-from jaxllm.config import POS_ENCODINGS, ConfigError, validate
+from jaxllm.config import ConfigError, validate
+from jaxllm.model.positions import POS_ENCODINGS
 from jaxllm.kernels import BACKENDS, resolve_backend
 from jaxllm.train import metrics as M
 from jaxllm.model.transformer import abstract_model

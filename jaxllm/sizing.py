@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from jaxllm import optim, parallel
-from jaxllm.config import resolved_d_ff
+from jaxllm.model.layers import resolved_d_ff
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

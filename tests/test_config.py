@@ -157,3 +157,39 @@ def test_dotted_keys_one_walk():
         with pytest.raises(ConfigError, match="unknown config key"):
             bad()
     assert "zz" not in cfg.model
+
+
+def test_choices_are_the_registries_of_the_implementing_modules(monkeypatch):
+    """One source per choice: config validation reads the registry of the module that
+    implements it, so a backend added there is a valid config value at once."""
+    from jaxllm import config, kernels
+    from jaxllm.model import layers, transformer
+    from jaxllm.optim import build
+    want = {"model.attention_backend": kernels.BACKENDS, "model.remat": transformer.REMAT,
+            "model.activation": layers.ACTIVATIONS, "model.dtype": tuple(layers.DTYPES),
+            "optim.name": tuple(build._DEFAULTS), "optim.schedule": tuple(build.SCHEDULES)}
+    for key, reg in want.items():
+        sec, name = key.split(".")
+        assert config.choices(config.SCHEMA[sec][name].choices) == tuple(reg), key
+    for sec, keys in config.SCHEMA.items():  # every default is one of its choices
+        for name, spec in keys.items():
+            if spec.choices is not None:
+                assert spec.default in config.choices(spec.choices), (sec, name)
+    cfg = tiny()
+    cfg.model.attention_backend = "splash"
+    with pytest.raises(ConfigError, match="model.attention_backend: got 'splash'; allowed: "
+                       "auto, xla, cudnn, flash"):
+        validate(cfg)
+    monkeypatch.setattr(kernels, "BACKENDS", (*kernels.BACKENDS, "splash"))
+    config.choices.cache_clear()
+    try:
+        validate(cfg)
+    finally:
+        config.choices.cache_clear()
+
+
+def test_reference_table_has_a_row_per_schema_key():
+    from jaxllm.config import SCHEMA, reference_markdown
+    rows = reference_markdown().splitlines()[2:]
+    assert [r.split("`")[1] for r in rows] == [f"{s}.{k}" for s in SCHEMA for k in SCHEMA[s]]
+    assert len(rows) == sum(len(v) for v in defaults().values())

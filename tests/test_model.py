@@ -10,7 +10,8 @@ import pytest
 from conftest import tiny_cfg
 from flax import nnx
 
-from jaxllm.config import ACTIVATIONS, POS_ENCODINGS, resolved_d_ff
+from jaxllm.model.layers import ACTIVATIONS, resolved_d_ff
+from jaxllm.model.positions import POS_ENCODINGS
 from jaxllm.model.transformer import Transformer
 
 

@@ -48,6 +48,7 @@ from jaxllm.data.corpus import embedded_documents, expand_inputs
 from jaxllm.data.prepare import PreparedData, cache_dir_for, prepare, split_mask
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "target_bytes")
+PACKING = ("concat", "first_fit")  # `data.packing` (module docstring)
 # Elements are cheap memory-mapped slices: two reader threads keep up, and grain's default
 # (16 threads, 500 elements ahead) costs ~1 s at every start and restore on a small host.
 READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)

@@ -27,6 +27,7 @@ from jaxllm.data.resolve import resolve
 from jaxllm.state import abstract_state, fresh_state
 from jaxllm.hf.mapping import blocks_of, family, to_hf
 from jaxllm.hf.reverse import from_hf
+from jaxllm.model.layers import DTYPES
 
 BYTE_SPECIALS = {"<pad>": 256, "<s>": 257, "</s>": 258}  # jaxllm ByteTokenizer ids
 
@@ -102,7 +103,6 @@ def export_hf(workdir, out, *, step=None, dtype=None, trim_vocab=False, tokenize
     """Write the Hugging Face directory `out` for the workdir's checkpoint; returns a summary."""
     from safetensors.numpy import save_file
 
-    from jaxllm.config import DTYPES
     cfg = validate(run.read_config(workdir))
     fam = family(cfg.model)  # refuse before reading any checkpoint
     if dtype is not None and dtype not in DTYPES:
@@ -118,8 +118,7 @@ def export_hf(workdir, out, *, step=None, dtype=None, trim_vocab=False, tokenize
     got_step, params = restore_params(cfg, workdir, step)
     hf, tensors = to_hf(cfg, params, vocab=vocab)
     if dtype is not None:
-        from jaxllm.model.layers import DTYPES as NP_DTYPES
-        tensors = {k: np.asarray(v.astype(NP_DTYPES[dtype])) for k, v in tensors.items()}
+        tensors = {k: np.asarray(v.astype(DTYPES[dtype])) for k, v in tensors.items()}
         hf["torch_dtype"] = dtype
     out.mkdir(parents=True, exist_ok=True)
     ids = write_tokenizer(spec, out, cfg.data.seq_len)

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxllm.config import ConfigError, resolved_d_ff
+from jaxllm.config import ConfigError
+from jaxllm.model.layers import resolved_d_ff
 
 # jaxllm activation <-> transformers ACT2FN name
 LLAMA_ACT = {"swiglu": "silu", "geglu": "gelu_new", "reglu": "relu", "glu": "sigmoid"}

@@ -13,15 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.config import resolved_d_ff
 from jaxllm.model.attention import Attention
-from jaxllm.model.layers import DTYPES, MLP, Embed, Norm, constrain, param
+from jaxllm.model.layers import DTYPES, MLP, Embed, Norm, constrain, param, resolved_d_ff
 
 REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+REMAT = ("none", *REMAT_POLICIES)  # `model.remat`: none = no activation checkpointing
 
 
 def position_limit(cfg) -> int | None:
