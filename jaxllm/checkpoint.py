@@ -31,6 +31,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from jaxllm.config import ConfigError, get_key
 
@@ -153,7 +154,6 @@ class Checkpointer:
                         f"aside ({e}); move or delete it by hand, then rerun") from None
                 log.warning("moved unreadable checkpoint step %d to %s", s, dest)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("jaxllm_checkpoint_quarantine")
         self.manager.reload()
         return moved

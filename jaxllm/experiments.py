@@ -31,6 +31,12 @@ import os
 from ml_collections import ConfigDict
 
 from jaxllm.config import ConfigError, set_key, unknown_key, validate
+from jaxllm.data.corpus import expand_inputs
+from jaxllm.data.tokenizer_training import train_tokenizer
+from jaxllm.eval import report
+from jaxllm.eval.evaluate import evaluate
+from jaxllm.eval.report import markdown_table, read_metrics, summarize
+from jaxllm.train.loop import train
 
 COLUMNS = ["cell", "bpb", "train_eval_bpb", "final_loss", "tokens_per_s", "params", "step",
            "tokens"]
@@ -104,8 +110,6 @@ def cell_config(base: ConfigDict, overrides: dict, tokenizers: dict) -> ConfigDi
 
 def prepare_tokenizers(grid: dict, root: str) -> dict:
     """Train every `train:KIND:VOCAB` tokenizer of the grid once (kept under ROOT)."""
-    from jaxllm.data.corpus import expand_inputs
-    from jaxllm.data.tokenizer_training import train_tokenizer
 
     specs = {v for vals in grid["axes"].values() for ov in vals.values()
              for k, v in ov.items() if k == "data.tokenizer" and str(v).startswith("train:")}
@@ -129,7 +133,6 @@ def prepare_tokenizers(grid: dict, root: str) -> dict:
 
 
 def _trained(workdir: str, steps: int) -> bool:
-    from jaxllm.eval.report import read_metrics
     if not os.path.isdir(os.path.join(workdir, "checkpoints", str(steps))):
         return False
     try:
@@ -140,9 +143,6 @@ def _trained(workdir: str, steps: int) -> bool:
 
 def run_cell(name: str, labels: dict, cfg: ConfigDict, workdir: str, ev: dict) -> dict:
     """Train (unless finished) and evaluate (unless done) one cell; returns its row."""
-    from jaxllm.eval.evaluate import evaluate
-    from jaxllm.eval.report import summarize
-    from jaxllm.train.loop import train
 
     result_path = os.path.join(workdir, "ablation.json")
     steps = cfg.train.steps
@@ -174,7 +174,6 @@ def run_cell(name: str, labels: dict, cfg: ConfigDict, workdir: str, ev: dict) -
 
 def run_grid(grid: dict, root: str, overrides: dict | None = None, log=print) -> list[dict]:
     """Run every cell (resuming), then write ROOT/results.{md,csv,json} and ablation.png."""
-    from jaxllm.eval import report
 
     base = copy.deepcopy(grid["base"])
     for key, value in (overrides or {}).items():
@@ -196,7 +195,6 @@ def run_grid(grid: dict, root: str, overrides: dict | None = None, log=print) ->
 
 
 def write_results(rows: list[dict], root: str, axes: list[str]) -> str:
-    from jaxllm.eval.report import markdown_table
 
     extra = sorted({k for r in rows for k in r if k.endswith(("_acc", "_acc_norm"))})
     cols = ["cell", *axes, "bpb", *extra, *COLUMNS[2:]]

@@ -38,6 +38,7 @@ state (`get_state`/`set_state`) restores the exact position.
 from __future__ import annotations
 
 import atexit
+import pathlib
 import weakref
 
 import grain
@@ -195,7 +196,6 @@ def open_prepared(path: str, cfg, tokenizer, key: str) -> PreparedData:
     """A prepared directory, or raw files/globs prepared once into a cache beside them (in
     this process: no worker processes inside a training job; for big corpora run
     tools/prepare_data.py, which tokenizes in parallel)."""
-    import pathlib
 
     p = pathlib.Path(path).expanduser()
     if p.is_dir():

@@ -29,8 +29,10 @@ import os
 import pathlib
 import shutil
 import sys
+from collections import deque
 
 import numpy as np
+from tqdm import tqdm
 
 from jaxllm.data.corpus import BadRecords, iter_texts
 from jaxllm.data.tokenizers import load_tokenizer
@@ -81,7 +83,6 @@ def prepare(files: list[str], out_dir: str, tokenizer_spec: str, *, text_field: 
     Bad records are counted, never fatal. Returns the manifest. The directory appears
     atomically (written under a temporary name, then renamed).
     """
-    from tqdm import tqdm
 
     tok = load_tokenizer(tokenizer_spec)
     out = pathlib.Path(out_dir)
@@ -155,7 +156,6 @@ def prepare(files: list[str], out_dir: str, tokenizer_spec: str, *, text_field: 
 
 def _bounded_map(pool, items, ahead: int):
     """Ordered parallel map with at most `ahead` chunks in flight (bounded memory)."""
-    from collections import deque
 
     pending = deque()
     for item in items:

@@ -17,10 +17,10 @@ training windows instead, so they differ slightly from this number.)
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from jaxllm.config import ConfigError
+from jaxllm.data.pipeline import load_split, parse_mixture
 from jaxllm.eval.scoring import Request
 from jaxllm.model.loss import nll_summary
 
@@ -32,7 +32,6 @@ def eval_documents(cfg, tokenizer, split: str = "eval", max_bytes: int = 0) -> l
     (`data.path`, else each `data.mixture` member, else the embedded corpus), in a fixed
     order; with `max_bytes`, only the first whole documents holding at least that many bytes
     (the cut is by bytes, so runs with different tokenizers see the same text)."""
-    from jaxllm.data.pipeline import load_split, parse_mixture
 
     if split not in SPLITS:
         raise ConfigError(f"--split: got {split!r}; allowed: {', '.join(SPLITS)}")

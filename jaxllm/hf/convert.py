@@ -24,10 +24,14 @@ from jaxllm.checkpoint import Checkpointer, data_meta
 from jaxllm.config import ConfigError, validate
 from jaxllm.data.pipeline import make_pipeline
 from jaxllm.data.resolve import resolve
-from jaxllm.state import abstract_state, fresh_state
+from jaxllm.data.tokenizers import (
+    _bytes_to_unicode,  # GPT-2's {char: byte} map
+    load_tokenizer,
+)
 from jaxllm.hf.mapping import blocks_of, family, to_hf
 from jaxllm.hf.reverse import from_hf
 from jaxllm.model.layers import DTYPES
+from jaxllm.state import abstract_state, fresh_state
 
 BYTE_SPECIALS = {"<pad>": 256, "<s>": 257, "</s>": 258}  # jaxllm ByteTokenizer ids
 
@@ -47,7 +51,6 @@ def byte_tokenizer_json() -> str:
     byte b -> id b (GPT-2's printable byte alphabet), then <pad> 256, <s> 257, </s> 258."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from jaxllm.data.tokenizers import _bytes_to_unicode  # GPT-2's {char: byte} map
     byte_of = _bytes_to_unicode()
     assert sorted(pre_tokenizers.ByteLevel.alphabet()) == sorted(byte_of)
     tok = Tokenizer(models.BPE(vocab=dict(byte_of), merges=[]))
@@ -68,7 +71,6 @@ def write_tokenizer(spec: str, out: pathlib.Path, seq_len: int) -> dict:
         ids = {"bos": 257, "eos": 258, "pad": 256}
         tcfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     else:
-        from jaxllm.data.tokenizers import load_tokenizer
         src = pathlib.Path(spec).expanduser()
         if not src.is_file():
             raise ConfigError(f"data.tokenizer: {src} not found; pass --tokenizer=PATH")
@@ -113,7 +115,6 @@ def export_hf(workdir, out, *, step=None, dtype=None, trim_vocab=False, tokenize
     spec = tokenizer or cfg.data.tokenizer
     vocab = None
     if trim_vocab:
-        from jaxllm.data.tokenizers import load_tokenizer
         vocab = load_tokenizer(spec).vocab_size
     got_step, params = restore_params(cfg, workdir, step)
     hf, tensors = to_hf(cfg, params, vocab=vocab)
