@@ -7,8 +7,9 @@ parses every import, function-local ones included):
     6  cli, tools/, python -m mains   entry points: flags, `error: ...` + exit 2
     5  experiments | benchmark | sizing   workflows over the layers below
     4  train | eval | hf               the training loop; evaluation; HF export/import
-    3  checkpoint, state, run          Orbax checkpoints, the train state's layout,
-                                       opening a run (config.json, newest good params)
+    3  checkpoint, state, run,         Orbax checkpoints, the train state's layout,
+       runfiles, workdir_lock          opening a run (config.json, newest good params),
+                                       metrics.jsonl and the workdir lock
     2  model | data                    NNX modules, forward -> per-token NLL, bits per byte,
                                        sampling; tokenizers, corpora, grain pipeline,
                                        config resolution against the tokenizer
@@ -22,6 +23,8 @@ __version__ = "0.1.0"
 # layer of each top-level module or package (the table above); GROUPS joins the modules of
 # one layer that may import each other
 LAYERS = {"config": 0, "kernels": 1, "optim": 1, "parallel": 1, "model": 2, "data": 2,
-          "checkpoint": 3, "state": 3, "run": 3, "train": 4, "eval": 4, "hf": 4,
+          "checkpoint": 3, "state": 3, "run": 3, "runfiles": 3, "workdir_lock": 3,
+          "train": 4, "eval": 4, "hf": 4,
           "experiments": 5, "benchmark": 5, "sizing": 5, "cli": 6, "tools": 6}
-GROUPS = {"checkpoint": "run", "state": "run", "run": "run", "cli": "entry", "tools": "entry"}
+GROUPS = {"checkpoint": "run", "state": "run", "run": "run", "runfiles": "run",
+          "workdir_lock": "run", "cli": "entry", "tools": "entry"}

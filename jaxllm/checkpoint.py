@@ -8,7 +8,8 @@ resolved config and the data position (`process_count`, `global_batch`, `samples
 
 - Saves are asynchronous (`checkpoint.async_save`): the call returns once the arrays are
   copied off the device; a step counts only once Orbax has finalized it (unfinished saves
-  live in `<step>.orbax-checkpoint-tmp-*` folders and are never listed or restored).
+  live in `<step>.orbax-checkpoint-tmp-*` folders and are never listed or restored), and
+  `finished()` reports a step only then (the loop's `checkpoint` events).
 - Retention: the newest `checkpoint.keep` steps, plus every `checkpoint.permanent_every`-th
   step forever.
 - Restoring walks from the newest step down: an unreadable step (a file missing or
@@ -70,6 +71,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data_iter", "meta"))
         self.last_saved = None
+        self.pending: dict[int, float] = {}  # started saves -> seconds the call blocked
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -82,9 +84,24 @@ class Checkpointer:
             state=ocp.args.StandardSave(state),
             data_iter=grain.checkpoint.CheckpointSave(data_iter),
             meta=ocp.args.JsonSave(meta))
+        t = time.perf_counter()
         self.manager.save(step, args=args, force=True)
         self.last_saved = step
+        self.pending[step] = time.perf_counter() - t
         return True
+
+    def finished(self, wait: bool = False) -> list[tuple[int, float]]:
+        """Started saves that Orbax has finalized since the last call, as (step, seconds
+        the save call blocked); with `wait`, wait for the ones in flight first. A save that
+        failed never appears."""
+        if wait:
+            self.manager.wait_until_finished()
+        if not self.pending or self.manager.is_saving_in_progress():
+            return []
+        done = set(self.manager.all_steps())
+        out = [(s, t) for s, t in sorted(self.pending.items()) if s in done]
+        self.pending = {}
+        return out
 
     def read_meta(self, step: int) -> dict:
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

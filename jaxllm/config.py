@@ -82,7 +82,8 @@ SCHEMA = {
         "dtype": Key("bfloat16", "compute dtype: {choices}", choices="jaxllm.model.layers:DTYPES"),
         "param_dtype": Key("float32", "parameter storage dtype",
                            choices="jaxllm.model.layers:DTYPES"),
-        "attention_backend": Key("auto", "{choices}", choices="jaxllm.kernels:BACKENDS"),
+        "attention_backend": Key("auto", "{choices} (kernels/__init__.py)",
+                                 choices="jaxllm.kernels:BACKENDS"),
         "remat": Key("none", "{choices} (activation checkpointing)",
                      choices="jaxllm.model.transformer:REMAT"),
         "scan_layers": Key(True, "compile one block and scan it over layers"),
@@ -129,6 +130,8 @@ SCHEMA = {
                           lo=0),
         "z_loss": Key(0.0, "coefficient of the log(Z)^2 auxiliary loss; 0 = off", lo=0.0),
         "max_skips": Key(5, "stop (exit 3) after this many consecutive skipped steps", lo=1),
+        "max_update_ratio": Key(1.0, "skip updates larger than this x the parameter norm; "
+                                "0 = off", lo=0.0),
         "spike_sigmas": Key(0.0, "skip steps whose loss exceeds mean + k*std of a window; 0 = off",
                             lo=0.0),
         "spike_window": Key(100, "accepted losses in the spike window (fixed for a run)", lo=1),
@@ -278,6 +281,8 @@ def _check_key(key: str, spec: Key, v) -> None:
     if kind is float:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     _check(ok, key, f"must be {names[kind]}, got {v!r}")
+    if kind is int:  # shapes, steps and counts become int32 on the device
+        _check(v < 2**31, key, f"must be < 2**31, got {v!r}")
     if spec.lo is not None:
         _check(v >= spec.lo, key, f"must be >= {spec.lo}, got {v!r}")
     if spec.hi is not None:

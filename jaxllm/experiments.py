@@ -5,7 +5,9 @@ A grid file (configs/ablations/*.py) defines `get_grid(arg) -> dict` with
   so every cell gets the same token budget);
 - `axes`: {axis: {label: {config key: value, ...}}} (or {axis: [values]} when the axis name
   is itself a config key); the grid is their Cartesian product;
-- `eval` (optional): {"max_bytes": held-out bytes scored per cell, "tasks": "builtin"}.
+- `eval` (optional): {"max_bytes": held-out bytes scored per cell, "tasks": "builtin",
+  "lm_eval_tasks": "arc_easy,piqa" (lm-evaluation-harness tasks), "lm_eval_include": DIR,
+  "lm_eval_limit": N}.
 
 `data.tokenizer` values of the form `train:KIND:VOCAB` (KIND: sentencepiece_bpe,
 sentencepiece_unigram, byte_bpe) are trained once on the first `eval.tokenizer_bytes`
@@ -26,6 +28,7 @@ import csv
 import importlib.util
 import itertools
 import json
+import logging
 import os
 
 from ml_collections import ConfigDict
@@ -34,9 +37,11 @@ from jaxllm.config import ConfigError, set_key, unknown_key, validate
 from jaxllm.data.corpus import expand_inputs
 from jaxllm.data.tokenizer_training import train_tokenizer
 from jaxllm.eval import report
-from jaxllm.eval.evaluate import evaluate
+from jaxllm.eval.evaluate import LM_EVAL_COLUMNS, evaluate
 from jaxllm.eval.report import markdown_table, read_metrics, summarize
 from jaxllm.train.loop import train
+
+log = logging.getLogger("jaxllm")
 
 COLUMNS = ["cell", "bpb", "train_eval_bpb", "final_loss", "tokens_per_s", "params", "step",
            "tokens"]
@@ -147,8 +152,14 @@ def run_cell(name: str, labels: dict, cfg: ConfigDict, workdir: str, ev: dict) -
     result_path = os.path.join(workdir, "ablation.json")
     steps = cfg.train.steps
     if _trained(workdir, steps) and os.path.exists(result_path):
-        with open(result_path) as f:
-            return {**json.load(f), "status": "cached"}
+        try:
+            with open(result_path) as f:
+                cached = json.load(f)
+        except ValueError:
+            cached = None
+        if isinstance(cached, dict):
+            return {**cached, "status": "cached"}
+        log.warning("%s is unreadable; evaluating the cell again", result_path)
     status = "evaluated"
     if not _trained(workdir, steps):
         out = train(cfg, workdir)
@@ -157,7 +168,9 @@ def run_cell(name: str, labels: dict, cfg: ConfigDict, workdir: str, ev: dict) -
                                    "run the grid again to resume")
         status = "trained"
     r = evaluate(workdir, max_bytes=ev.get("max_bytes", 0), tasks=ev.get("tasks", ""),
-                 batch_size=ev.get("batch_size", 8))
+                 batch_size=ev.get("batch_size", 8), lm_eval_tasks=ev.get("lm_eval_tasks", ""),
+                 lm_eval_include=ev.get("lm_eval_include", ""),
+                 lm_eval_limit=ev.get("lm_eval_limit", 0))
     s = summarize(workdir, name)
     row = {"cell": name, **labels, "bpb": r["bpb"], "eval_loss": r["loss"],
            "eval_bytes": r["bytes"], "train_eval_bpb": s["final_bpb"],
@@ -167,6 +180,8 @@ def run_cell(name: str, labels: dict, cfg: ConfigDict, workdir: str, ev: dict) -
         row[f"{t['task']}_acc"] = t["acc"]
         if "acc_norm" in t:
             row[f"{t['task']}_acc_norm"] = t["acc_norm"]
+    for t in r.get("lm_eval", []):
+        row.update({f"{t['task']}_{m}": t[m] for m in LM_EVAL_COLUMNS if m in t})
     with open(result_path, "w") as f:
         json.dump(row, f, indent=2)
     return {**row, "status": status}
@@ -196,7 +211,8 @@ def run_grid(grid: dict, root: str, overrides: dict | None = None, log=print) ->
 
 def write_results(rows: list[dict], root: str, axes: list[str]) -> str:
 
-    extra = sorted({k for r in rows for k in r if k.endswith(("_acc", "_acc_norm"))})
+    metrics = tuple(f"_{m}" for m in LM_EVAL_COLUMNS)  # includes _acc, _acc_norm
+    extra = sorted({k for r in rows for k in r if k.endswith(metrics)})
     cols = ["cell", *axes, "bpb", *extra, *COLUMNS[2:]]
     table = markdown_table(sorted(rows, key=lambda r: r["bpb"]), cols)
     with open(os.path.join(root, "results.md"), "w") as f:

@@ -15,7 +15,6 @@ evaluation, sampling, Hugging Face export, the resume check of training and the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 
@@ -29,6 +28,7 @@ from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import ConfigError, defaults, set_key, validate
 from jaxllm.data.resolve import resolve
 from jaxllm.model.transformer import ModelDef, abstract_model
+from jaxllm.runfiles import read_config_json
 
 log = logging.getLogger("jaxllm")
 
@@ -40,13 +40,10 @@ def workdir_path(workdir) -> epath.Path:
 
 def saved_config(workdir) -> dict | None:
     """The raw `DIR/config.json` of a run, or None when it has none yet."""
-    path = workdir_path(workdir) / "config.json"
-    if not path.exists():
-        return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable saved config ({e})") from None
+        return read_config_json(workdir_path(workdir) / "config.json")
+    except FileNotFoundError:
+        return None
 
 
 def merge_saved(node: ConfigDict, saved: dict, prefix: str = "") -> None:

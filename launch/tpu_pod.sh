@@ -15,6 +15,20 @@
 #   up       create + setup + train
 # --dry-run prints the exact commands, one per line, instead of running them.
 #
+# TPU environment of `train` (LIBTPU_INIT_ARGS; export JAXLLM_LIBTPU_INIT_ARGS to replace
+# it, "" for libtpu's defaults). The flags MaxText sets to overlap FSDP's collectives with
+# compute, from AI-Hypercomputer/maxtext benchmarks/xla_flags_library.py:
+#   CF_FOR_ALL_GATHER: --xla_tpu_enable_async_collective_fusion,
+#       --xla_tpu_enable_async_collective_fusion_fuse_all_gather,
+#       --xla_tpu_enable_async_collective_fusion_multiple_steps,
+#       --xla_tpu_overlap_compute_collective_tc, --xla_enable_async_all_gather
+#       (the parameter all-gathers of FSDP run as continuation fusions beside the matmuls);
+#   CF_FOR_ALL_REDUCE: --xla_enable_async_all_reduce (gradient reductions likewise);
+#   DATA_PARALLEL_OVERLAP: --xla_tpu_enable_data_parallel_all_reduce_opt,
+#       --xla_tpu_data_parallel_opt_different_sized_ops (pipeline the data-parallel
+#       all-reduces across iterations; the DCN ones between slices).
+# MaxText's --xla_tpu_scoped_vmem_limit_kib=98304 is left out: it exceeds v4's VMEM.
+#
 # The workdir must be one directory all workers share (checkpoints are written collectively
 # by Orbax, each worker its own shards): an NFS/Filestore or gcsfuse mount, e.g.
 #   launch/tpu_pod.sh --name=llm --zone=us-central2-b --type=v4-32 up -- \
@@ -60,6 +74,14 @@ where="--zone=$(shq "$zone")${project:+ --project=$(shq "$project")}"
 src="/tmp/jaxllm-src-$name.tgz"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 log='~/jaxllm-train.log'
+overlap="--xla_tpu_enable_async_collective_fusion=true"
+overlap+=" --xla_tpu_enable_async_collective_fusion_fuse_all_gather=true"
+overlap+=" --xla_tpu_enable_async_collective_fusion_multiple_steps=true"
+overlap+=" --xla_tpu_overlap_compute_collective_tc=true"
+overlap+=" --xla_enable_async_all_gather=true --xla_enable_async_all_reduce=true"
+overlap+=" --xla_tpu_enable_data_parallel_all_reduce_opt=true"
+overlap+=" --xla_tpu_data_parallel_opt_different_sized_ops=true"
+libtpu_args="${JAXLLM_LIBTPU_INIT_ARGS-$overlap}"
 
 run() {  # print (dry run) or run one shell command line
   if ((dry_run)); then echo "$1"; else bash -c "$1"; fi
@@ -74,7 +96,8 @@ do_setup() {
   run "$tpu ssh $(shq "$name") --worker=all $where --command='mkdir -p ~/jaxllm && tar xzf ~/jaxllm-src.tgz -C ~/jaxllm && pip install -q -U \"jax[tpu]\" && pip install -q -e ~/jaxllm'"
 }
 do_train() {
-  local remote="cd ~/jaxllm && python3 -m jaxllm.train${train_args:+ $(shq "${train_args[@]}")} 2>&1 | tee $log"
+  local env="${libtpu_args:+LIBTPU_INIT_ARGS=$(shq "$libtpu_args") }"
+  local remote="cd ~/jaxllm && ${env}python3 -m jaxllm.train${train_args:+ $(shq "${train_args[@]}")} 2>&1 | tee $log"
   run "$tpu ssh $(shq "$name") --worker=all $where --command=$(shq "$remote")"
 }
 do_logs() {

@@ -46,6 +46,14 @@ def run_cli(workdir, overrides: dict, devices: int = 1, timeout: int = 300, **ex
                           text=True, timeout=timeout, check=False)
 
 
+def run_tool(script: str, *args: str, timeout: int = 300):
+    """`python tools/SCRIPT ARGS...` (or `-m MODULE` when script starts with "-m ") in a
+    subprocess with the test environment."""
+    cmd = script.split() if script.startswith("-m ") else [str(ROOT / "tools" / script)]
+    return subprocess.run([sys.executable, *cmd, *args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
 def run_py(code: str, devices: int = 1, timeout: int = 300):
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(devices),
                           capture_output=True, text=True, timeout=timeout, check=False)

@@ -90,7 +90,7 @@ def test_bench_tiny_writes_table_json_markdown(tmp_path):
     (["--steps=many"], "error: --steps=many: invalid literal for int()"),
     (["--config.model.nope=2"], "error: model.nope: unknown config key; keys under model:"),
     (["--config=/nonexistent.py"], "error: --config: cannot load /nonexistent.py (no such file)"),
-    (["extra"], "error: unexpected arguments: extra"),
+    (["extra"], "error: unexpected positional argument(s) (extra)"),
     ([f"--config={ROOT}/configs/base.py", "--config.train.grad_accum=2", "--batch=3"],
      "error: --batch: 3 must be a multiple of mesh.data*mesh.fsdp x train.grad_accum (2)"),
 ])

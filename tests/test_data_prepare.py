@@ -41,7 +41,7 @@ def test_readers_and_bad_records(corpus):
     texts = [t for _, t in iter_texts(files, bad=bad)]
     assert texts == [GOOD[0], "block one\n\n  \nblock two\nline\n\n\n", GOOD[1], GOOD[2],
                      GOOD[3], GOOD[4]]
-    assert bad.counts == {"undecodable": 2, "empty": 2, "malformed_json": 1,
+    assert bad.counts == {"undecodable": 2, "unencodable": 0, "empty": 2, "malformed_json": 1,
                           "missing_field": 3}
     assert bad.by_file[str(corpus / "b.txt")] == {"undecodable": 1}
     assert bad.by_file[str(corpus / "d.parquet")] == {"missing_field": 1, "empty": 1}
@@ -64,7 +64,7 @@ def test_prepare_shards_and_manifest(corpus, tmp_path_factory, workers):
     assert len(m["shards"]) > 1 and all(s["docs"] >= 1 for s in m["shards"])
     assert m["num_tokens"] == sum(len(t.encode()) + 1 for t in expected)
     assert m["num_bytes"] == sum(len(t.encode()) for t in expected)
-    assert m["bad_records"] == {"undecodable": 2, "empty": 2, "malformed_json": 1,
+    assert m["bad_records"] == {"undecodable": 2, "unencodable": 0, "empty": 2, "malformed_json": 1,
                                 "missing_field": 3, "total": 8}
     by_file = {s["file"]: s for s in m["sources"]}
     assert by_file[str(corpus / "b.txt")] == {"file": str(corpus / "b.txt"), "docs": 0,

@@ -139,7 +139,7 @@ main()
 def test_consecutive_skips_stop_cleanly_with_exit_status_3(tmp_path):
     """The real CLI (in a subprocess, NaN gradients from step 3 on): three skipped steps,
     then `error: ...` on stderr, exit status 3, a `diverged` event, and only the periodic
-    checkpoints (none is written for the stop)."""
+    checkpoints from before the streak (none inside it, none for the stop)."""
     from jaxllm.checkpoint import Checkpointer
     argv = [f"--workdir={tmp_path}",
             *flags({"train.steps": 20, "train.max_skips": 3, "checkpoint.every": 2})]
@@ -154,8 +154,10 @@ def test_consecutive_skips_stop_cleanly_with_exit_status_3(tmp_path):
     assert all(e["reason"] == "nonfinite" for e in skipped)
     assert events(tmp_path, "diverged")[0]["step"] in (5, 6)  # read one step behind
     ck = Checkpointer(tmp_path / "checkpoints", tiny_cfg())
-    assert ck.steps() == [2, 4]
+    assert ck.steps() == [2]  # step 4 fell inside the streak: deferred, not saved
     ck.close()
+    assert [e["step"] for e in events(tmp_path, "checkpoint_deferred")] == [4]
+    assert [e["step"] for e in events(tmp_path, "checkpoint")] == [2]
 
 
 def test_preemption_signals_and_exit_status():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxllm import kernels
-from jaxllm.kernels import cudnn, flash, xla
+from jaxllm.kernels import cudnn, flash, tiles, xla
 
 
 def rel(a, b):
@@ -156,17 +156,16 @@ def test_tile_classes_are_sound_against_the_full_mask(causal):
     one causal document gives exactly the lower triangle with a masked diagonal."""
     rng = np.random.default_rng(6)
     seg, pos = packed_ids(rng, 3, 128, docs=2, pad=20)
-    cls = np.asarray(flash.tile_classes(jnp.asarray(seg), jnp.asarray(pos), jnp.asarray(seg),
+    cls = np.asarray(tiles.tile_classes(jnp.asarray(seg), jnp.asarray(pos), jnp.asarray(seg),
                                         jnp.asarray(pos), 16, 32, causal))
     mask = np.asarray(xla.mask_and_bias(jnp.asarray(seg), jnp.asarray(seg), jnp.asarray(pos),
                                         jnp.asarray(pos), None, causal)[0])[:, 0]
-    tiles = mask.reshape(3, 8, 16, 4, 32)
-    tiles = tiles.transpose(0, 1, 3, 2, 4)  # [B, nq, nk, bq, bk]
-    assert not tiles[cls == 0].any() and tiles[cls == 2].all()
+    blocks = mask.reshape(3, 8, 16, 4, 32).transpose(0, 1, 3, 2, 4)  # [B, nq, nk, bq, bk]
+    assert not blocks[cls == 0].any() and blocks[cls == 2].all()
     assert (cls == 0).sum() > 0 and (cls == 2).sum() > 0
     one = jnp.ones((1, 64), jnp.int32)
     ar = jnp.arange(64, dtype=jnp.int32)[None]
-    cls = np.asarray(flash.tile_classes(one, ar, one, ar, 16, 16, causal))[0]
+    cls = np.asarray(tiles.tile_classes(one, ar, one, ar, 16, 16, causal))[0]
     want = np.tril(np.full((4, 4), 2)) - np.eye(4, dtype=int) if causal else np.full((4, 4), 2)
     np.testing.assert_array_equal(cls, want)
 
@@ -299,15 +298,15 @@ def test_cudnn_rejects_float32_and_unknown_segment_mode():
     ("gpu", False, jnp.bfloat16, "cudnn"), ("gpu", False, jnp.float16, "cudnn"),
     ("gpu", True, jnp.bfloat16, "flash"), ("gpu", False, jnp.float32, "flash"),
     ("rocm", False, jnp.bfloat16, "flash"), ("cpu", False, jnp.bfloat16, "xla"),
-    ("cpu", True, jnp.float32, "xla"), ("tpu", True, jnp.bfloat16, "xla"),
-    ("tpu", False, jnp.bfloat16, "xla"),
+    ("cpu", True, jnp.float32, "xla"), ("tpu", True, jnp.bfloat16, "flash"),
+    ("tpu", False, jnp.bfloat16, "splash"), ("tpu", False, jnp.float32, "splash"),
 ])
 def test_resolve_backend_auto_choices(platform, alibi, dtype, want):
     assert kernels.resolve_backend("auto", alibi=alibi, platform=platform, dtype=dtype) == want
 
 
 def test_resolve_backend_names_and_errors():
-    for name in ("xla", "cudnn", "flash"):
+    for name in ("xla", "cudnn", "flash", "splash"):
         assert kernels.resolve_backend(name, alibi=True, platform="cpu") == name
     assert kernels.resolve_backend("auto", alibi=False) == "xla"  # this CPU test host
     with pytest.raises(ValueError, match="unknown attention backend 'fast'; allowed: auto, xla"):

@@ -145,6 +145,32 @@ def test_tpu_pod_dry_run():
     assert "--version=v2-alpha-tpuv5 --spot" in v5
 
 
+def _remote_train_argv(env=None):
+    train = shlex.split(sh("tpu_pod.sh", "--dry-run", "--name=a", "--zone=z", "train", "--",
+                           "--config=configs/llama_1b.py", env=env).stdout)
+    return shlex.split(train[-1][len("--command="):])
+
+
+def test_tpu_pod_sets_collective_overlap_flags():
+    """`train` runs with LIBTPU_INIT_ARGS that overlap FSDP's all-gathers and the gradient
+    all-reduces with compute (MaxText's flags); JAXLLM_LIBTPU_INIT_ARGS replaces them."""
+    argv = _remote_train_argv()
+    env = [a for a in argv if a.startswith("LIBTPU_INIT_ARGS=")]
+    assert len(env) == 1 and argv.index(env[0]) == argv.index("python3") - 1, argv
+    flags = dict(f.split("=", 1) for f in env[0][len("LIBTPU_INIT_ARGS="):].split())
+    assert all(k.startswith("--xla_") and v == "true" for k, v in flags.items()), flags
+    for key in ("--xla_tpu_enable_async_collective_fusion_fuse_all_gather",
+                "--xla_enable_async_all_gather", "--xla_enable_async_all_reduce",
+                "--xla_tpu_overlap_compute_collective_tc",
+                "--xla_tpu_enable_data_parallel_all_reduce_opt"):
+        assert key in flags, key
+    assert not any("vmem" in k for k in flags)  # chip-specific limits stay out
+    assert not any(a.startswith("LIBTPU") for a in _remote_train_argv({
+        "JAXLLM_LIBTPU_INIT_ARGS": ""}))
+    mine = _remote_train_argv({"JAXLLM_LIBTPU_INIT_ARGS": "--xla_foo=1 --xla_bar=2"})
+    assert "LIBTPU_INIT_ARGS=--xla_foo=1 --xla_bar=2" in mine
+
+
 def test_tpu_pod_errors():
     for args, msg in ((["--zone=z", "up"], "error: --name: required"),
                       (["--name=a", "up"], "error: --zone: required"),

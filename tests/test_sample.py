@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from test_eval_utils import random_run, ref_forward
 
-from jaxllm.model.sample import filter_logits, generate
+from jaxllm.model.sample import filter_logits, generate, left_pad
 
 
 def _greedy_by_recomputation(run, prompt, n_new, vocab_limit):
@@ -43,6 +43,24 @@ def test_kv_cached_greedy_equals_full_recomputation(pos):
     out = np.asarray(generate(run.model_def, run.params, prompt, jax.random.key(1),
                               n_new=n_new, temperature=5.0, vocab_limit=60))
     assert out.max() < 60 and len(np.unique(out)) > 5
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi", "learned"])
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(pos):
+    """Prompts of 2, 5 and 9 tokens in one left-padded batch (plus a filler row): each row's
+    greedy output equals generating from that prompt alone, unpadded."""
+    run = random_run(pos_encoding=pos, tie_embeddings=False, init_std=0.3)
+    prompts = [[258, 65], [258, 100, 101, 102, 32], [258, 40, 41, 42, 43, 44, 45, 46, 47]]
+    batch, lengths = left_pad(prompts, 12, 4)
+    assert lengths.tolist() == [2, 5, 9, 9] and (batch[0, :10] == 0).all()
+    out = np.asarray(generate(run.model_def, run.params, batch, jax.random.key(0), n_new=16,
+                              temperature=0.0, vocab_limit=259, lengths=lengths))
+    for i, ids in enumerate(prompts):
+        alone = generate(run.model_def, run.params, np.array([ids], np.int32),
+                         jax.random.key(0), n_new=16, temperature=0.0, vocab_limit=259)
+        np.testing.assert_array_equal(out[i], np.asarray(alone)[0])
+    with pytest.raises(ValueError, match="13 tokens; allowed 1..12"):
+        left_pad([[1] * 13], 12, 1)
 
 
 def test_sampling_filters_match_numpy():

@@ -2,7 +2,7 @@
 
     python tools/ablate.py --grid=configs/ablations/choices.py[:ARG] --root=runs/ablate \
         [--only=model.pos_encoding=rope,alibi] [--set=train.steps=150] [--eval_bytes=N] \
-        [--dry_run]
+        [--lm_eval_tasks=arc_easy,piqa] [--dry_run]
 
 Cells already finished (final checkpoint, final eval row and ROOT/<cell>/ablation.json)
 are not rerun. Writes ROOT/results.md, results.csv, results.json and ablation.png. The
@@ -12,14 +12,12 @@ logic lives in jaxllm/experiments.py.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxllm.cli import _fail, user_errors
-from jaxllm.cli.eval import _Parser
+from jaxllm.cli.errors import ArgParser, fail, user_errors
 
 
 def _pairs(items, flag):
@@ -27,7 +25,7 @@ def _pairs(items, flag):
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            _fail(f"{flag}: expected KEY=VALUE, got {item!r}")
+            fail(f"{flag}: expected KEY=VALUE, got {item!r}")
         out[key] = value
     return out
 
@@ -40,8 +38,7 @@ def _value(text: str):
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    p = _Parser(prog="ablate.py", description=__doc__.split("\n")[0])
+    p = ArgParser(prog="ablate.py", description=__doc__.split("\n")[0])
     p.add_argument("--grid", default="configs/ablations/choices.py", help="grid file[:ARG]")
     p.add_argument("--root", default="runs/ablate", help="one workdir per cell goes here")
     p.add_argument("--only", action="append", default=[],
@@ -50,6 +47,10 @@ def main(argv=None) -> None:
                    help="KEY=VALUE: override a base config key for every cell (repeatable)")
     p.add_argument("--eval_bytes", type=int, default=None,
                    help="held-out bytes scored per cell (default: the grid's eval.max_bytes)")
+    p.add_argument("--lm_eval_tasks", default=None,
+                   help="lm-evaluation-harness tasks scored per cell (default: the grid's "
+                   "eval.lm_eval_tasks)")
+    p.add_argument("--lm_eval_include", default=None, help="folder of extra lm-eval task YAMLs")
     p.add_argument("--dry_run", action="store_true", help="list the cells and exit")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     with user_errors():
@@ -59,8 +60,11 @@ def main(argv=None) -> None:
         overrides = {k: _value(v) for k, v in _pairs(args.set, "--set").items()}
         if args.eval_bytes is not None:
             if args.eval_bytes < 0:
-                _fail(f"--eval_bytes: must be >= 0, got {args.eval_bytes}")
+                fail(f"--eval_bytes: must be >= 0, got {args.eval_bytes}")
             grid["eval"]["max_bytes"] = args.eval_bytes
+        for key in ("lm_eval_tasks", "lm_eval_include"):
+            if getattr(args, key) is not None:
+                grid["eval"][key] = getattr(args, key)
         if args.dry_run:
             for name, _, ov in ex.cells(grid):
                 print(name, json.dumps(ov))
@@ -68,7 +72,7 @@ def main(argv=None) -> None:
         try:
             ex.run_grid(grid, args.root, overrides)
         except (TypeError, ValueError) as e:
-            _fail(str(e))
+            fail(str(e))
         except InterruptedError as e:
             print(f"stopped: {e}", file=sys.stderr)
             sys.exit(1)

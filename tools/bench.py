@@ -2,7 +2,7 @@
 
     python tools/bench.py --out=bench/                      # 124m..1.3b x 1024..8192 x rope,alibi
     python tools/bench.py --sizes=124m,350m --seq_lens=2048 --pos=alibi --batch=16
-    python tools/bench.py --compare_backends --sizes=124m   # xla vs cudnn vs flash attention
+    python tools/bench.py --compare_backends --sizes=124m   # xla, cudnn|splash, flash attention
     python tools/bench.py --preset=nanogpt                  # GPT-2 124M, T=1024, 16 seq/device
     python tools/bench.py --tiny --out=/tmp/b               # seconds, on CPU (the test suite)
     python tools/bench.py --config=configs/mpt_style.py --config.model.remat=dots ...
@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from absl import flags
-from ml_collections import config_flags
 
-from jaxllm.cli import _fail, _unknown_key, parse_config, user_errors
+from jaxllm.cli import define_config_flag, parse_config
+from jaxllm.cli.errors import check_output_dir, fail, user_errors
 
 FLAGS = flags.FLAGS
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,9 +29,10 @@ flags.DEFINE_list("sizes", ["124m", "350m", "760m", "1.3b"],
                   "model sizes: 124m, 350m, 760m, 1.3b, tiny or d<d>l<layers>h<heads>")
 flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192"], "sequence lengths")
 flags.DEFINE_list("pos", ["rope", "alibi"], "position encodings: rope, alibi, learned, none")
-flags.DEFINE_list("backends", [], "attention backends (auto, xla, cudnn, flash); "
+flags.DEFINE_list("backends", [], "attention backends (auto, xla, cudnn, flash, splash); "
                   "default: the config's model.attention_backend")
-flags.DEFINE_bool("compare_backends", False, "time xla, cudnn and flash attention")
+flags.DEFINE_bool("compare_backends", False, "time the attention backends of this platform: "
+                  "xla, cudnn, flash on GPU; xla, splash, flash on TPU")
 flags.DEFINE_integer("batch", 0, "global batch in sequences (0: use --tokens_per_batch)")
 flags.DEFINE_integer("tokens_per_batch", 0,
                      "global tokens per step, divided by each seq len (0: 16384 per device)")
@@ -52,7 +53,7 @@ def _ints(name):
     try:
         return [int(v) for v in FLAGS[name].value]
     except ValueError:
-        _fail(f"--{name}: must be comma-separated integers, got {','.join(FLAGS[name].value)}")
+        fail(f"--{name}: must be comma-separated integers, got {','.join(FLAGS[name].value)}")
 
 
 def main(argv=None):
@@ -60,21 +61,21 @@ def main(argv=None):
     if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
         print(__doc__ + "\n" + FLAGS.module_help(sys.modules[__name__]))
         return
-    extra = [a for a in argv[1:] if not a.startswith("-")]
-    if extra:
-        _fail(f"unexpected arguments: {' '.join(extra)}")
-    try:  # defining it applies --config.KEY=VALUE overrides already
-        config_flags.DEFINE_config_file(
-            "config", str(ROOT / "configs" / "base.py"), "base config file "
-            "(configs/NAME.py[:ARG]); default: configs/base.py. --sizes, --seq_lens, --pos "
-            "and --backends override its fields", lock_config=True)
-    except (AttributeError, KeyError):
-        _fail(_unknown_key(argv))
+    define_config_flag(argv, default=str(ROOT / "configs" / "base.py"), help_text=(
+        "base config file (configs/NAME.py[:ARG]); default: configs/base.py. --sizes, "
+        "--seq_lens, --pos and --backends override its fields"))
     base = parse_config(FLAGS, argv)  # flags and config under the error contract
     with user_errors():
+        if FLAGS.out:  # before minutes of benchmarking, not after
+            check_output_dir(FLAGS.out, "--out")
+        for name in ("steps", "warmup", "batch", "tokens_per_batch", "vocab"):
+            if FLAGS[name].value < (1 if name in ("steps", "vocab") else 0):
+                fail(f"out of range (--{name}={FLAGS[name].value}): must be >= "
+                     f"{1 if name in ('steps', 'vocab') else 0}")
         import jax
 
         from jaxllm import benchmark as B
+        from jaxllm import kernels
 
         if FLAGS.isolate != "no":  # before JAX starts: children need the device memory
             B.keep_parent_light()
@@ -88,7 +89,7 @@ def main(argv=None):
             for k, v in preset.items():
                 if not FLAGS[k].present:
                     opts[k] = v
-        backends = (["xla", "cudnn", "flash"] if FLAGS.compare_backends
+        backends = (list(kernels.compared_backends()) if FLAGS.compare_backends
                     else FLAGS.backends or [base.model.attention_backend])
         isolate = {"auto": None, "yes": True, "no": False}[FLAGS.isolate]
         report = B.run(base, opts["sizes"], opts["seq_lens"], opts["pos"], backends,

@@ -12,23 +12,16 @@ Logic: jaxllm/hf/.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from jaxllm.cli import user_errors
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+from jaxllm.cli.errors import ArgParser, user_errors
 
 
 def main(argv=None) -> int:
-    ap = _Parser(description=__doc__.split("\n")[0])
+    ap = ArgParser(prog="export_hf.py", description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", required=True, help="jaxllm workdir (config.json, checkpoints/)")
     ap.add_argument("--out", required=True, help="new (or empty) output directory")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step; default: newest")

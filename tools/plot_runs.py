@@ -13,15 +13,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxllm.cli import _fail, user_errors
-from jaxllm.cli.eval import _Parser
+from jaxllm.cli.errors import ArgParser, check_output_file, fail, user_errors
 
 COLUMNS = ["run", "step", "tokens", "final_loss", "final_bpb", "best_bpb", "tokens_per_s",
            "params"]
 
 
 def main(argv=None) -> None:
-    p = _Parser(prog="plot_runs.py", description=__doc__.split("\n")[0])
+    p = ArgParser(prog="plot_runs.py", description=__doc__.split("\n")[0])
     p.add_argument("workdirs", nargs="+", help="training workdirs")
     p.add_argument("--labels", default="", help="comma-separated names (default: folder names)")
     p.add_argument("--out", default="runs.png", help="PNG to write")
@@ -32,10 +31,13 @@ def main(argv=None) -> None:
         from jaxllm.eval import report
         labels = args.labels.split(",") if args.labels else None
         if labels and len(labels) != len(args.workdirs):
-            _fail(f"--labels: {len(labels)} names for {len(args.workdirs)} workdirs")
+            fail(f"--labels: {len(labels)} names for {len(args.workdirs)} workdirs")
         for w in args.workdirs:
             if not os.path.isdir(w):
-                _fail(f"{w}: not a directory")
+                fail(f"not a directory ({w}): give training workdirs")
+        check_output_file(args.out, "--out")
+        if args.md:
+            check_output_file(args.md, "--md")
         rows = [report.summarize(w, name) for w, name in
                 zip(args.workdirs, labels or [None] * len(args.workdirs), strict=True)]
         table = report.markdown_table(rows, COLUMNS)

@@ -12,18 +12,19 @@ Logic: jaxllm/data/prepare.py.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from jaxllm.cli.errors import ArgParser, fail, returns_status, user_errors
 from jaxllm.data.corpus import expand_inputs
 from jaxllm.data.prepare import prepare
 
 
+@returns_status
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgParser(prog="prepare_data.py", description=__doc__.split("\n")[0])
     ap.add_argument("--input", nargs="+", required=True,
                     help="files/globs of .txt/.jsonl/.parquet, or 'embedded'")
     ap.add_argument("--output", required=True, help="directory to create")
@@ -36,14 +37,18 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     ap.add_argument("--no_progress", action="store_true")
     args = ap.parse_args(argv)
-    try:
-        m = prepare(expand_inputs(args.input, "--input"), args.output, args.tokenizer,
-                    text_field=args.text_field, blank_line_docs=args.blank_line_docs,
-                    workers=args.workers, progress=not args.no_progress,
-                    shard_tokens=args.shard_tokens, overwrite=args.overwrite)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not 0 <= args.workers <= 1024:
+        fail(f"out of range (--workers={args.workers}): 0 (one per CPU) to 1024")
+    if not 1 <= args.shard_tokens < 1 << 40:
+        fail(f"out of range (--shard_tokens={args.shard_tokens}): 1 to 2**40 tokens per shard")
+    with user_errors():
+        try:
+            m = prepare(expand_inputs(args.input, "--input"), args.output, args.tokenizer,
+                        text_field=args.text_field, blank_line_docs=args.blank_line_docs,
+                        workers=args.workers, progress=not args.no_progress,
+                        shard_tokens=args.shard_tokens, overwrite=args.overwrite)
+        except ValueError as e:
+            fail(str(e))
     print(f"wrote {args.output}: {m['num_docs']:,} documents, {m['num_tokens']:,} tokens "
           f"(EOS included), {m['num_bytes']:,} bytes, {len(m['shards'])} shard(s), "
           f"tokenizer {m['tokenizer']['name']}")

@@ -21,7 +21,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from absl import flags
 
 import jaxllm.config as jaxllm_config
-from jaxllm.cli import define_config_flag, parse_config, user_errors
+from jaxllm.cli import define_config_flag, parse_config
+from jaxllm.cli.errors import user_errors
 from jaxllm.config import ConfigError
 
 FLAGS = flags.FLAGS

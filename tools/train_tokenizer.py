@@ -11,19 +11,20 @@ Kinds: sentencepiece_bpe, sentencepiece_unigram, byte_bpe. Inputs: files or glob
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from jaxllm.cli.errors import ArgParser, fail, returns_status, user_errors
 from jaxllm.data.corpus import BadRecords, expand_inputs
 from jaxllm.data.tokenizer_training import KINDS, train_tokenizer
 from jaxllm.data.tokenizers import load_tokenizer
 
 
+@returns_status
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgParser(prog="train_tokenizer.py", description=__doc__.split("\n")[0])
     ap.add_argument("--kind", required=True, choices=KINDS)
     ap.add_argument("--vocab_size", type=int, required=True)
     ap.add_argument("--output", required=True, help="path; the suffix .model/.json is set")
@@ -35,17 +36,19 @@ def main(argv=None) -> int:
     ap.add_argument("--max_bytes", type=int, default=0, help="cap on training text; 0 = all")
     ap.add_argument("--no_progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.max_bytes < 0:
+        fail(f"out of range (--max_bytes={args.max_bytes}): >= 0 (0 = all)")
     bad = BadRecords()
-    try:
-        path = train_tokenizer(expand_inputs(args.input, "--input"), args.kind, args.vocab_size,
-                               args.output, text_field=args.text_field,
-                               blank_line_docs=args.blank_line_docs,
-                               max_bytes=args.max_bytes or None,
-                               progress=not args.no_progress, bad=bad)
-        tok = load_tokenizer(path)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with user_errors():
+        try:
+            path = train_tokenizer(expand_inputs(args.input, "--input"), args.kind,
+                                   args.vocab_size, args.output, text_field=args.text_field,
+                                   blank_line_docs=args.blank_line_docs,
+                                   max_bytes=args.max_bytes or None,
+                                   progress=not args.no_progress, bad=bad)
+            tok = load_tokenizer(path)
+        except ValueError as e:
+            fail(str(e))
     print(f"wrote {path}: {tok.kind}, vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}")
     print(bad.summary())
     print(f"use it with --config.data.tokenizer={path}")

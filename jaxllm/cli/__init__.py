@@ -1,53 +1,42 @@
-"""Thin command-line entry points; errors follow the contract: `error: ...`, exit 2."""
+"""Thin command-line entry points; errors follow the contract of `jaxllm/cli/errors.py`
+(`error: ...`, exit 2). Here: the absl `--config` flag shared by the flag-based commands."""
 
 from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
+
+from jaxllm.cli.errors import fail
 
 
-@contextmanager
-def user_errors():
-    """Turn user-facing errors into one line on stderr and exit status 2, no traceback."""
-    from jaxllm.config import ConfigError
-    try:
-        yield
-    except ConfigError as e:
-        _fail(str(e))
-    except FileNotFoundError as e:
-        _fail(f"{e.filename or ''}: {e.strerror or e}")
-
-
-def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def define_config_flag(argv, name: str = "config") -> None:
+def define_config_flag(argv, name: str = "config", default: str | None = None,
+                       help_text: str = "config file (configs/NAME.py[:ARG]); default: the "
+                       "tiny CPU config") -> None:
     """Define `--config` (an ml_collections config file, locked; default: the tiny CPU config
-    in jaxllm/config.py). Defining it already applies `--config.KEY=VALUE` overrides, so it
-    runs under the error contract."""
+    in jaxllm/config.py) and `--verbose`. Defining `--config` already applies
+    `--config.KEY=VALUE` overrides, so it runs under the error contract."""
     from absl import flags
     from ml_collections import config_flags
 
     import jaxllm.config as jaxllm_config
+    if "verbose" not in flags.FLAGS:
+        flags.DEFINE_bool("verbose", False, "show library (absl/Orbax/JAX) logging")
     if name in flags.FLAGS:
         return
     try:
-        config_flags.DEFINE_config_file(
-            name, jaxllm_config.__file__,
-            "config file (configs/NAME.py[:ARG]); default: the tiny CPU config",
-            lock_config=True)
+        config_flags.DEFINE_config_file(name, default or jaxllm_config.__file__, help_text,
+                                        lock_config=True)
     except (AttributeError, KeyError):
-        _fail(_unknown_key(argv))
+        fail(_unknown_key(argv))
 
 
 def parse_config(flag_values, argv):
     """Parse absl flags (ml_collections config file + `--config.KEY=VALUE` overrides) under
-    the error contract, then validate."""
+    the error contract (positional arguments and non-finite numbers refused), then
+    validate."""
     from absl import flags
 
+    from jaxllm.cli.errors import check_number, quiet_libraries
     from jaxllm.config import validate
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
         doc = (sys.modules["__main__"].__doc__ or "").strip()
@@ -56,20 +45,27 @@ def parse_config(flag_values, argv):
         print((doc + "\n\n" if doc else "") + "\n".join(helps))
         sys.exit(0)
     try:
-        flag_values(list(argv))
+        extra = flag_values(list(argv))[1:]
     except flags.Error as e:
-        _fail(str(e).strip().splitlines()[-1].replace("flag --", "--"))
+        fail(str(e).strip().splitlines()[-1].replace("flag --", "--"))
     except (AttributeError, KeyError):
-        _fail(_unknown_key(argv))
+        fail(_unknown_key(argv))
     except (OSError, SyntaxError, ImportError) as e:
-        _fail(f"--config: {e}")
+        fail(f"--config: {e}")
+    if extra:
+        fail(f"unexpected positional argument(s) ({' '.join(extra)}): every setting is a "
+             "--flag=VALUE or --config.KEY=VALUE")
+    quiet_libraries(bool(flag_values["verbose"].value) if "verbose" in flag_values else False)
+    for name in flag_values:
+        if not name.startswith("config"):
+            check_number("--" + name, flag_values[name].value)
     try:
         cfg = flag_values["config"].value
         cfg = cfg.unlock() if hasattr(cfg, "unlock") else cfg
     except OSError:
         path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
         why = "no such file" if not os.path.exists(path.split(":")[0]) else "it failed to load"
-        _fail(f"--config: cannot load {path} ({why}); give a configs/NAME.py[:ARG] file")
+        fail(f"--config: cannot load {path} ({why}); give a configs/NAME.py[:ARG] file")
     return validate(cfg)
 
 

@@ -1,5 +1,8 @@
 """`jaxllm-eval --workdir=DIR [...]`: bits per byte, downstream tasks, length extrapolation.
 
+`--lm_eval_tasks=hellaswag,arc_easy` also runs lm-evaluation-harness tasks on the run
+(jaxllm/eval/lm_eval_model.py); their metrics join the same report and JSON.
+
 Restores the newest checkpoint of DIR (its config from DIR/config.json), scores the held-out
 split of the training data or of `--data.path`, prints markdown tables, and with `--out`
 writes the results as JSON. The workdir is not modified.
@@ -9,15 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
-from jaxllm.cli import _fail, user_errors
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (the CLI error contract)
-        _fail(message)
+from jaxllm.cli.errors import ArgParser, check_output_file, fail, user_errors
 
 
 def _on_off(v: str) -> bool:
@@ -29,7 +26,7 @@ def _on_off(v: str) -> bool:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="jaxllm-eval", description=__doc__.split("\n")[0])
+    p = ArgParser(prog="jaxllm-eval", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="training workdir to evaluate")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--data.path", dest="data_path", default=None,
@@ -49,6 +46,12 @@ def parser() -> argparse.ArgumentParser:
                    help="score the first documents holding this many bytes (0 = all)")
     p.add_argument("--tasks", default="",
                    help="'builtin' and/or comma-separated .jsonl task files")
+    p.add_argument("--lm_eval_tasks", default="",
+                   help="comma-separated lm-evaluation-harness tasks (needs jaxllm[eval])")
+    p.add_argument("--lm_eval_include", default="",
+                   help="folder of extra lm-eval task YAMLs (lm-eval's --include_path)")
+    p.add_argument("--lm_eval_limit", type=int, default=0,
+                   help="score only the first N documents of each lm-eval task (0 = all)")
     p.add_argument("--extrapolation", action="store_true",
                    help="also bpb at 1x/2x/4x/8x the training length")
     p.add_argument("--extrap_bytes", type=int, default=65536,
@@ -58,9 +61,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     with user_errors():
+        if args.out:
+            check_output_file(args.out, "--out")
         from jaxllm.eval.evaluate import evaluate, format_report
         try:
             result = evaluate(
@@ -68,16 +72,14 @@ def main(argv=None) -> None:
                 text_field=args.text_field, split=args.split, tokenizer=args.tokenizer,
                 batch_size=args.batch_size, seq_len=args.seq_len, packing=args.packing,
                 max_bytes=args.max_bytes, tasks=args.tasks, extrapolation=args.extrapolation,
-                extrap_bytes=args.extrap_bytes)
+                extrap_bytes=args.extrap_bytes, lm_eval_tasks=args.lm_eval_tasks,
+                lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit)
         except ValueError as e:
-            _fail(str(e))
+            fail(str(e))
         print(format_report(result), flush=True)
         if args.out:
-            try:
-                with open(args.out, "w") as f:
-                    json.dump(result, f, indent=2)
-            except OSError as e:
-                _fail(f"--out: cannot write {args.out} ({e.strerror})")
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -10,23 +10,24 @@ same command resumes.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import flags
 
-from jaxllm.cli import define_config_flag, parse_config, user_errors
+from jaxllm.cli import define_config_flag, parse_config
+from jaxllm.cli.errors import fail, user_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/default", "where checkpoints, metrics and logs go")
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv if argv is None else argv
     with user_errors():
         define_config_flag(argv)
         cfg = parse_config(FLAGS, argv)
+        if not FLAGS.workdir.strip():
+            fail("empty path (--workdir): give the run's directory, e.g. --workdir=runs/mine")
         from jaxllm.train.guard import TrainingDiverged
         from jaxllm.train.loop import train
         try:

@@ -55,7 +55,7 @@ def embedded_documents(split: str, eval_fraction: float = 0.05, valid_fraction: 
 EMBEDDED = "embedded"
 SUFFIXES = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "jsonl",
             ".parquet": "parquet"}
-BAD_KINDS = ("undecodable", "empty", "malformed_json", "missing_field")
+BAD_KINDS = ("undecodable", "unencodable", "empty", "malformed_json", "missing_field")
 
 
 def expand_inputs(inputs, key: str = "data.path") -> list[str]:
@@ -122,6 +122,17 @@ def _decode(raw: bytes, source: str, bad: BadRecords) -> str | None:
     return text
 
 
+def _encodable(text: str, source: str, bad: BadRecords) -> bool:
+    """False (counted as `unencodable`) for text that is not valid Unicode, e.g. a JSON
+    string holding an unpaired surrogate (`"\\ud800"`), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        bad.add("unencodable", source)
+        return False
+
+
 def _txt_docs(path: str, blank_line_docs: bool, bad: BadRecords):
     try:
         raw = pathlib.Path(path).read_bytes()
@@ -163,7 +174,7 @@ def _jsonl_docs(path: str, field: str, bad: BadRecords):
                 bad.add("missing_field", path)
             elif not text.strip():
                 bad.add("empty", path)
-            else:
+            elif _encodable(text, path, bad):
                 yield text
 
 

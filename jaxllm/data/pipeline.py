@@ -9,7 +9,8 @@ Sources: the embedded corpus (`data.path == ""`), a prepared directory
 (`tools/prepare_data.py`), raw `.txt/.jsonl/.parquet` files or globs (prepared once into
 `.jaxllm_cache/` beside them), or a weighted mixture (`data.mixture = "a:3,b:1"`, mixed by
 `grain.MapDataset.mix`). Prepared data is split into train/eval by document
-(`prepare.split_mask`); the embedded corpus by file name (`corpus.split_of`). With
+(`prepare.split_mask`), or by tokens when it has too few documents for that (`token_cuts`,
+a `data_split` event); the embedded corpus by file name (`corpus.split_of`). With
 `data.valid_fraction` > 0 a third split, `valid`, is cut from what was train (the eval
 documents stay the same); it is read like eval.
 
@@ -207,8 +208,13 @@ def open_prepared(path: str, cfg, tokenizer, key: str) -> PreparedData:
             try:
                 prepare(files, str(cache), cfg.data.tokenizer, text_field=cfg.data.text_field,
                         workers=1, progress=False)
-            except (OSError, ValueError):  # another process finished first: use its copy
+            except (OSError, ValueError) as e:  # another process finished first: use its copy
                 if not (cache / "manifest.json").exists():
+                    if isinstance(e, OSError):
+                        raise ValueError(
+                            f"cannot write the token cache ({cache}: {e.strerror}) [{key}]: "
+                            "prepare the data into a writable directory with "
+                            "tools/prepare_data.py and point data.path there") from None
                     raise
         data = PreparedData(str(cache), key)
     data.check_tokenizer(tokenizer, key)
@@ -225,9 +231,66 @@ def load_split(cfg, tokenizer, split: str, path: str | None = None,
                                                        cfg.data.valid_fraction)),
             tokenizer.eos_id)
     data = open_prepared(path, cfg, tokenizer, key)
+    cuts = token_cuts(data, cfg)
+    if cuts is not None:  # too few documents to split by document: split by tokens
+        full = Split(data.doc_len + 1, doc_fn=data.doc)
+        bounds = {"train": (0, cuts[0]), "valid": cuts, "eval": (cuts[1], full.num_tokens)}
+        return token_range(full, *bounds[split])
     docs = np.flatnonzero(split_mask(len(data), split, cfg.data.eval_fraction,
                                      cfg.data.valid_fraction))
     return Split(data.doc_len[docs] + 1, doc_fn=lambda j: data.doc(docs[j]))
+
+
+def token_cuts(data: PreparedData, cfg) -> tuple[int, int] | None:
+    """Token offsets (train end, valid end) of a split by tokens, or None to split by
+    document.
+
+    The split is by document (`prepare.split_mask`) unless that leaves train or eval with
+    fewer than seq_len + 2 tokens (a corpus of one document, or of a few): then the last
+    eval_fraction of the tokens (at least seq_len + 2) is eval, the valid_fraction before
+    it valid, the rest train. None too when eval_fraction is 0 or the corpus is too small
+    for such splits."""
+    frac, vfrac, need = cfg.data.eval_fraction, cfg.data.valid_fraction, cfg.data.seq_len + 2
+    spans = data.doc_len + 1
+    sizes = [spans[split_mask(len(data), s, frac, vfrac)].sum() for s in ("train", "eval")]
+    if frac <= 0 or min(sizes) >= need:
+        return None
+    total = int(spans.sum())
+    valid_end = total - max(int(np.ceil(frac * total)), need)
+    train_end = valid_end - (max(int(np.ceil(vfrac * total)), need) if vfrac > 0 else 0)
+    return (train_end, valid_end) if train_end >= need else None
+
+
+def token_range(full: Split, a: int, b: int) -> Split:
+    """Tokens [a, b) of `full`; its documents are the pieces of full's documents there."""
+    j0 = int(np.searchsorted(full.cum, a, side="right")) - 1
+    j1 = int(np.searchsorted(full.cum, b, side="left"))
+    starts = np.maximum(full.cum[j0:j1], a)
+    spans = np.minimum(full.cum[j0 + 1:j1 + 1], b) - starts
+
+    def doc(k):
+        lo = int(starts[k] - full.cum[j0 + k])
+        return full.doc(j0 + k)[lo:lo + int(spans[k])]
+    return Split(spans, doc_fn=doc)
+
+
+def split_events(cfg, tokenizer) -> list[dict]:
+    """`data_split` events for the datasets of a run that are split by tokens."""
+    if not cfg.data.path and not cfg.data.mixture:
+        return []
+    paths = ([p for p, _ in parse_mixture(cfg.data.mixture)] if cfg.data.mixture
+             else [cfg.data.path])
+    events = []
+    for p in paths:
+        data = open_prepared(p, cfg, tokenizer, "data.path")
+        cuts = token_cuts(data, cfg)
+        if cuts is not None:
+            total = int((data.doc_len + 1).sum())
+            events.append({"event": "data_split", "path": p, "policy": "tokens",
+                           "documents": len(data), "train_tokens": cuts[0],
+                           "valid_tokens": cuts[1] - cuts[0], "eval_tokens": total - cuts[1],
+                           "reason": "too few documents for a split by document"})
+    return events
 
 
 def _members(cfg, tokenizer, split: str) -> list[tuple[Split, float]]:

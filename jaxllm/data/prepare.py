@@ -47,10 +47,21 @@ def _init_worker(spec: str) -> None:
     _worker_tok = load_tokenizer(spec)
 
 
-def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
+def _encode_chunk(texts: list[str]) -> list[np.ndarray | None]:
+    """Token ids of each text; None for a text the tokenizer cannot encode (a bad record,
+    not a failed preparation)."""
     if hasattr(_worker_tok, "encode_batch"):
-        return [np.asarray(ids, dtype=np.int64) for ids in _worker_tok.encode_batch(texts)]
-    return [np.asarray(_worker_tok.encode(t), dtype=np.int64) for t in texts]
+        try:
+            return [np.asarray(ids, dtype=np.int64) for ids in _worker_tok.encode_batch(texts)]
+        except Exception:  # noqa: BLE001 - find the culprit(s) one by one below
+            pass
+    out = []
+    for t in texts:
+        try:
+            out.append(np.asarray(_worker_tok.encode(t), dtype=np.int64))
+        except Exception:  # noqa: BLE001 - any encoder error is this record's fault
+            out.append(None)
+    return out
 
 
 def _chunked(docs, size: int):
@@ -91,23 +102,72 @@ def prepare(files: list[str], out_dir: str, tokenizer_spec: str, *, text_field: 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:  # a failed or interrupted preparation leaves no temporary directory behind
+        manifest = _prepare_into(tmp, files, tok, tokenizer_spec, text_field, blank_line_docs,
+                                 workers, progress, shard_tokens)
+        if out.exists() and overwrite:
+            shutil.rmtree(out)
+        os.replace(tmp, out)  # fails (OSError) if another writer's copy appeared meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _prepare_into(tmp, files, tok, tokenizer_spec, text_field, blank_line_docs, workers,
+                  progress, shard_tokens) -> dict:
+    """Tokenize into the directory `tmp`; returns the manifest (also written there)."""
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     bad = BadRecords()
     docs = iter_texts(files, text_field=text_field, blank_line_docs=blank_line_docs, bad=bad)
+    per_source = {}
+    lengths, shards = _write_shards(tmp, _chunked(docs, 64), per_source, bad, tokenizer_spec,
+                                    workers, progress, shard_tokens, dtype, tok.eos_id)
+    if not lengths:
+        raise ValueError(f"input: no usable documents in {', '.join(files)} ({bad.summary()})")
+    n_bytes = sum(s["bytes"] for s in per_source.values())
+    np.save(tmp / "doc_lengths.npy", np.asarray(lengths, np.int32))
+    manifest = {
+        "format": FORMAT, "tokenizer": tokenizer_identity(tok, tokenizer_spec),
+        "dtype": np.dtype(dtype).name, "shards": shards, "num_docs": len(lengths),
+        "num_tokens": int(sum(lengths) + len(lengths)), "num_bytes": int(n_bytes),
+        "text_field": text_field, "blank_line_docs": blank_line_docs,
+        "sources": [{"file": f, "docs": s["docs"], "bytes": s["bytes"],
+                     "bad": bad.by_file.get(f, {})} for f, s in per_source.items()]
+        + [{"file": f, "docs": 0, "bytes": 0, "bad": b} for f, b in bad.by_file.items()
+           if f not in per_source],
+        "bad_records": dict(bad.counts, total=bad.total),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _write_shards(tmp, chunks, per_source, bad, tokenizer_spec, workers, progress,
+                  shard_tokens, dtype, eos_id):
+    """Encode the chunks (in `workers` processes) into shard files; returns (document
+    lengths, shard entries). Texts the tokenizer cannot encode count as `unencodable`."""
     workers = workers or min(os.cpu_count() or 1, 8)
     pool = (multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer_spec,))
             if workers > 1 else None)
     if pool is None:
         _init_worker(tokenizer_spec)
-    lengths, shards, per_source = [], [], {}
-    n_bytes, shard_n, shard_docs, fh = 0, 0, 0, None
-    eos = np.asarray([tok.eos_id], dtype)
+    lengths, shards, sources = [], [], deque()
+    shard_n, shard_docs, fh = 0, 0, None
+    eos = np.asarray([eos_id], dtype)
+
+    def texts_of(chunks):
+        for texts, srcs in chunks_tee(chunks, per_source):
+            sources.append(srcs)
+            yield texts
     try:
-        texts = (c[0] for c in chunks_tee(_chunked(docs, 64), per_source))
+        texts = texts_of(chunks)
         encoded = _bounded_map(pool, texts, 4 * workers) if pool else map(_encode_chunk, texts)
         with tqdm(unit=" docs", desc="tokenizing", disable=not progress, file=sys.stderr) as bar:
             for ids_list in encoded:
-                for ids in ids_list:
+                for ids, (source, nbytes) in zip(ids_list, sources.popleft(), strict=True):
+                    if ids is None:
+                        _uncount(per_source, bad, source, nbytes)
+                        continue
                     if fh is None or shard_n >= shard_tokens:
                         if fh is not None:
                             fh.close()
@@ -127,31 +187,15 @@ def prepare(files: list[str], out_dir: str, tokenizer_spec: str, *, text_field: 
             fh.close()
     if fh is not None:
         shards.append({"file": shards_name(len(shards)), "tokens": shard_n, "docs": shard_docs})
-    if not lengths:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"input: no usable documents in {', '.join(files)} ({bad.summary()})")
-    n_bytes = sum(s["bytes"] for s in per_source.values())
-    np.save(tmp / "doc_lengths.npy", np.asarray(lengths, np.int32))
-    manifest = {
-        "format": FORMAT, "tokenizer": tokenizer_identity(tok, tokenizer_spec),
-        "dtype": np.dtype(dtype).name, "shards": shards, "num_docs": len(lengths),
-        "num_tokens": int(sum(lengths) + len(lengths)), "num_bytes": int(n_bytes),
-        "text_field": text_field, "blank_line_docs": blank_line_docs,
-        "sources": [{"file": f, "docs": s["docs"], "bytes": s["bytes"],
-                     "bad": bad.by_file.get(f, {})} for f, s in per_source.items()]
-        + [{"file": f, "docs": 0, "bytes": 0, "bad": b} for f, b in bad.by_file.items()
-           if f not in per_source],
-        "bad_records": dict(bad.counts, total=bad.total),
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    try:
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
-        os.replace(tmp, out)  # fails (OSError) if another writer's copy appeared meanwhile
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+    return lengths, shards
+
+
+def _uncount(per_source: dict, bad: BadRecords, source: str, nbytes: int) -> None:
+    """A document the tokenizer could not encode: a bad record, not a source document."""
+    key = _source_key(source)
+    per_source[key]["docs"] -= 1
+    per_source[key]["bytes"] -= nbytes
+    bad.add("unencodable", key)
 
 
 def _bounded_map(pool, items, ahead: int):
@@ -170,12 +214,15 @@ def shards_name(i: int) -> str:
     return f"tokens-{i:05d}.bin"
 
 
+def _source_key(source: str) -> str:
+    return source.split(":", 1)[0] if source.startswith("embedded:") else source
+
+
 def chunks_tee(chunks, per_source: dict):
     """Pass chunks through while counting documents and bytes per source file."""
     for texts, sources in chunks:
         for source, nbytes in sources:
-            key = source.split(":", 1)[0] if source.startswith("embedded:") else source
-            s = per_source.setdefault(key, {"docs": 0, "bytes": 0})
+            s = per_source.setdefault(_source_key(source), {"docs": 0, "bytes": 0})
             s["docs"] += 1
             s["bytes"] += nbytes
         yield texts, sources
@@ -256,12 +303,26 @@ def split_mask(n_docs: int, split: str, eval_fraction: float,
     return {"eval": b < lo, "valid": (b >= lo) & (b < hi), "train": b >= hi}[split]
 
 
+def content_digest(path: str, block: int = 1 << 16) -> str:
+    """A cheap digest of a file's content: sha256 of its first and last `block` bytes and
+    of 8 blocks spread over the middle, so an edit that keeps size and mtime (a restored
+    backup, `touch -r`, a copy with preserved times) still changes the cache key."""
+    h = hashlib.sha256()
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        for k in range(10):
+            f.seek(min(max(size - block, 0), k * max(size - block, 0) // 9))
+            h.update(f.read(block))
+    return h.hexdigest()
+
+
 def cache_dir_for(files: list[str], tokenizer_spec: str, tok, text_field: str) -> pathlib.Path:
     """Where raw files named by data.path are prepared: `.jaxllm_cache/<key>` beside them."""
     h = hashlib.sha256()
     for f in files:
         st = os.stat(f)
-        h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}|".encode())
+        h.update(content_digest(f).encode() + b"\n")
     h.update(f"{tok.kind}|{tok.sha256}|{tokenizer_spec if tok.kind == 'byte' else ''}|"
              f"{text_field}".encode())
     return pathlib.Path(files[0]).resolve().parent / ".jaxllm_cache" / h.hexdigest()[:16]

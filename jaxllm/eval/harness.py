@@ -40,7 +40,7 @@ from importlib import resources
 import numpy as np
 
 from jaxllm.config import ConfigError
-from jaxllm.eval.scoring import Request
+from jaxllm.eval.scoring import Request, continuation_request
 
 KINDS = ("multiple_choice", "last_word")
 
@@ -125,12 +125,8 @@ def load_task(path: str) -> Task:
 
 def _request(tok, context: str, continuation: str, seq_len: int) -> Request | None:
     """None when the continuation alone does not fit in `seq_len` targets."""
-    ctx = np.concatenate([[tok.eos_id], tok.encode_array(context)]).astype(np.int32)
-    cont = tok.encode_array(continuation).astype(np.int32)
-    if len(cont) == 0 or len(cont) > seq_len:
-        return None
-    tokens = np.concatenate([ctx, cont])[-(seq_len + 1):]
-    return Request(tokens, len(tokens) - 1 - len(cont))
+    ctx = np.concatenate([[tok.eos_id], tok.encode_array(context)])
+    return continuation_request(ctx, tok.encode_array(continuation), seq_len)
 
 
 def task_requests(task: Task, tok, seq_len: int) -> tuple[list, list[Request]]:
@@ -150,11 +146,15 @@ def task_requests(task: Task, tok, seq_len: int) -> tuple[list, list[Request]]:
     return items, reqs
 
 
+def bucket_length(n: int, cap: int) -> int:
+    """The next power of two >= n (at least 16), at most `cap`: few distinct row shapes."""
+    return min(cap, max(16, 1 << (n - 1).bit_length()))
+
+
 def row_length(reqs, seq_len: int) -> int:
-    """The one row length of a task: the next power of two >= its longest request (>= 16),
-    at most seq_len, so short tasks do not pay for full-length rows."""
-    longest = max(len(r.tokens) - 1 for r in reqs)
-    return min(seq_len, max(16, 1 << (longest - 1).bit_length()))
+    """The one row length of a task: the bucket of its longest request, at most seq_len, so
+    short tasks do not pay for full-length rows."""
+    return bucket_length(max(len(r.tokens) - 1 for r in reqs), seq_len)
 
 
 def evaluate_task(scorer, task: Task, seq_len: int) -> dict:

@@ -7,12 +7,12 @@ twice; the last row of a step wins. Tokens are `step * train.batch_size * data.s
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 from jaxllm.config import ConfigError
 from jaxllm.run import saved_config
+from jaxllm.runfiles import read_rows
 
 
 def read_metrics(workdir: str) -> dict:
@@ -21,24 +21,20 @@ def read_metrics(workdir: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"{workdir}: no metrics.jsonl (not a training workdir?)")
     train, evals, start = {}, {}, []
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a torn line of a killed run: skip it
-                continue
-            if row.get("split") == "train":
-                train[row["step"]] = row
-            elif row.get("split") == "eval":
-                evals[row["step"]] = row
-            elif row.get("event") == "start":
-                start.append(row)
+    for row in read_rows(path):  # bad lines (torn by a killed run) skipped with a warning
+        if row.get("split") == "train" and "step" in row:
+            train[row["step"]] = row
+        elif row.get("split") == "eval" and "step" in row:
+            evals[row["step"]] = row
+        elif row.get("event") == "start":
+            start.append(row)
     cfg = saved_config(workdir) or {}
     per_step = 0
-    if cfg:
-        per_step = cfg["train"]["batch_size"] * cfg["data"]["seq_len"]
+    try:
+        per_step = cfg["train"]["batch_size"] * cfg["data"]["seq_len"] if cfg else 0
+    except (KeyError, TypeError):
+        raise ConfigError(f"malformed run file ({workdir}/config.json): no "
+                          "train.batch_size / data.seq_len; restore it from a copy") from None
     for rows in (train, evals):
         for row in rows.values():
             row.setdefault("tokens_seen", row["step"] * per_step)

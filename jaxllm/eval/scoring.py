@@ -31,6 +31,18 @@ class Request:
     start: int = 0  # first scored target index
 
 
+def continuation_request(context, continuation, seq_len: int) -> Request | None:
+    """Context ids (separator included) + continuation ids as one request scoring the
+    continuation, cut to its last `seq_len + 1` tokens (contexts are truncated from the left,
+    as lm-evaluation-harness does); None when the continuation is empty or alone has more
+    than `seq_len` tokens."""
+    cont = np.asarray(continuation, np.int32)
+    if len(cont) == 0 or len(cont) > seq_len:
+        return None
+    tokens = np.concatenate([np.asarray(context, np.int32), cont])[-(seq_len + 1):]
+    return Request(tokens, len(tokens) - 1 - len(cont))
+
+
 @dataclasses.dataclass
 class Scores:
     """Per request: summed NLL (nats), scored tokens, their UTF-8 bytes, all-greedy flag."""

@@ -5,18 +5,24 @@ document segment ids (0 = padding) and per-token positions (which restart per pa
 document), optional ALiBi slopes [H], and a backend name:
 - `xla`: the reference (kernels/xla.py), every platform;
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, GPU;
-- `flash`: fused Pallas flash attention with ALiBi and document masks inside the kernel;
+- `flash`: fused Pallas flash attention with ALiBi and document masks inside the kernel:
+  Triton on GPU (kernels/flash.py), Mosaic on TPU (kernels/flash_tpu.py);
+- `splash`: TPU splash attention (kernels/splash.py; no ALiBi);
 - `auto`: the fastest correct backend for the platform and arguments.
+The platform is `target_platform()`: the default backend, or the one named by
+`lowering_for(...)` (kernels/placement.py) when exporting for hardware this host does not have.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from jaxllm.kernels import xla
+from jaxllm.kernels.placement import lowering_for, target_platform
 
-BACKENDS = ("auto", "xla", "cudnn", "flash")
+__all__ = ["BACKENDS", "attention", "compared_backends", "lowering_for", "resolve_backend",
+           "target_platform"]
+BACKENDS = ("auto", "xla", "cudnn", "flash", "splash")
 
 
 def _default_positions(x, n):
@@ -30,15 +36,16 @@ def resolve_backend(backend: str, *, alibi: bool, platform: str | None = None,
     GPU: `cudnn` for bfloat16/float16 without ALiBi (cuDNN's fused kernels); `flash` with
     ALiBi (cuDNN would need a dense [B, H, T, S] bias, measured 2.2-4.4x slower on an H200)
     and for float32 (cuDNN flash attention takes only half precision); `flash` on ROCm.
-    CPU: `xla`.
-    TPU: `xla` (XLA's fusions; the Pallas kernel here lowers to Triton, not Mosaic; a TPU
-    splash-attention path is not implemented). Anything else: `xla`.
+    TPU: `splash` (splash attention, as MaxText) without ALiBi, `flash` (the Mosaic ALiBi
+    kernel) with it. CPU and anything else: `xla`.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
+    if platform == "tpu":
+        return "flash" if alibi else "splash"
     if platform == "rocm":  # no cuDNN; the Pallas kernel has a ROCm Triton lowering
         return "flash"
     if platform in ("gpu", "cuda"):
@@ -47,14 +54,22 @@ def resolve_backend(backend: str, *, alibi: bool, platform: str | None = None,
     return "xla"
 
 
+def compared_backends(platform: str | None = None) -> tuple[str, ...]:
+    """The backends worth timing against each other on a platform (bench --compare_backends):
+    TPU: xla, splash, flash (Mosaic); elsewhere: xla, cudnn, flash (Triton)."""
+    if (platform or target_platform()) == "tpu":
+        return ("xla", "splash", "flash")
+    return ("xla", "cudnn", "flash")
+
+
 def attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, positions=None,
               kv_positions=None, alibi_slopes=None, causal=True, backend="auto", scale=None,
               shard_axes=None):
     """Masked (causal, per-document) multi-head attention; returns [B, T, H, D] in q's dtype.
 
     `shard_axes=(batch axes, head axes)` (mesh axis names; from the model's logical rules)
-    runs the `flash` kernel per shard under `jax.shard_map`; XLA partitions the other
-    backends itself, so they ignore it."""
+    runs the Pallas kernels (`flash`, `splash`) per shard under `jax.shard_map`; XLA
+    partitions the other backends itself, so they ignore it."""
     t, s = q.shape[1], k.shape[1]
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
@@ -70,11 +85,17 @@ def attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, positions=None,
     elif backend == "cudnn":
         from jaxllm.kernels import cudnn
         fn = cudnn.attention
+    elif backend == "flash" and target_platform() == "tpu":
+        from jaxllm.kernels import flash_tpu
+        fn = flash_tpu.attention
     elif backend == "flash":
         from jaxllm.kernels import flash
         fn = flash.attention
+    elif backend == "splash":
+        from jaxllm.kernels import splash
+        fn = splash.attention
     else:
         raise ValueError(f"unknown attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    extra = {"shard_axes": shard_axes} if backend == "flash" and shard_axes else {}
+    extra = {"shard_axes": shard_axes} if backend in ("flash", "splash") and shard_axes else {}
     return fn(q, k, v, segment_ids, kv_segment_ids, positions, kv_positions,
               alibi_slopes=alibi_slopes, causal=causal, scale=scale, **extra)

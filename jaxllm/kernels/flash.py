@@ -14,7 +14,7 @@ Kernels (Triton lowering on GPU; `interpret=True`, chosen automatically on CPU):
 - dq, grid (batch, q head, q block): loops over kv blocks;
 - dk/dv, grid (batch, kv head, kv block): loops over the q heads of its group (GQA: q head
   h reads kv head h // (H // K)) and over q blocks, so no cross-program reduction is needed.
-Block sparsity: before each kernel, `tile_classes` sorts every (q tile, kv tile) pair from
+Block sparsity: before each kernel, `tiles.tile_classes` sorts every (q tile, kv tile) pair from
 per-tile min/max of segment ids and positions into "nothing visible" (skipped: the loop
 only runs over each row's first to last live tile and branches past dead ones inside, so
 their k/v tiles are never loaded), "all visible" (no mask is computed) and "some visible"
@@ -34,16 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-LOG2E = math.log2(math.e)
-MASKED = -1e30  # finite "minus infinity": keeps exp2(m_old - m_new) free of inf - inf
+from jaxllm.kernels import placement, tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,47 +79,6 @@ class _Cfg:
     num_stages: int
 
 
-def _dot(a, b, contract=(1, 0)):
-    """a @ b contracting a's dim contract[0] with b's dim contract[1], float32 accumulation."""
-    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                           precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-
-
-def _tile_mask(q_seg, q_pos, kv_seg, kv_pos, causal):
-    """[bq, bk] visibility: same document, key not padding, and (causal) kv_pos <= q_pos."""
-    mask = jnp.logical_and(q_seg[:, None] == kv_seg[None, :], (kv_seg > 0)[None, :])
-    if causal:
-        mask = jnp.logical_and(mask, kv_pos[None, :] <= q_pos[:, None])
-    return mask
-
-
-def tile_classes(q_seg, q_pos, kv_seg, kv_pos, block_q, block_k, causal):
-    """[B, nq, nk] int32 class of each (q tile, kv tile) pair.
-
-    0: no pair can be visible (skipped); 2: every pair is visible (no mask computed);
-    1: otherwise (masked). Decided from per-tile min/max of ids and positions, so classes 0
-    and 2 are certain and 1 is "maybe": correct for any ids and positions, O(T/bq * S/bk).
-    """
-    big = jnp.iinfo(jnp.int32).max
-
-    def stats(seg, pos, blk, kv):
-        """Per tile: min/max segment id and position over real tokens (id > 0), raw min id."""
-        seg, pos = seg.reshape(seg.shape[0], -1, blk), pos.reshape(pos.shape[0], -1, blk)
-        real = seg > 0
-        out = (jnp.min(jnp.where(real, seg, big), -1), jnp.max(seg, -1), jnp.min(seg, -1),
-               jnp.min(jnp.where(real, pos, big), -1), jnp.max(jnp.where(real, pos, -big), -1))
-        return [x[:, None, :] if kv else x[:, :, None] for x in out]
-
-    qs_lo, qs_hi, qs_raw, qp_lo, qp_hi = stats(q_seg, q_pos, block_q, False)
-    ks_lo, ks_hi, ks_raw, kp_lo, kp_hi = stats(kv_seg, kv_pos, block_k, True)
-    maybe = (qs_lo <= ks_hi) & (ks_lo <= qs_hi)  # some equal real id (false if none real)
-    full = (qs_raw == qs_hi) & (ks_raw == ks_hi) & (qs_hi == ks_hi) & (ks_raw > 0)
-    if causal:
-        maybe &= kp_lo <= qp_hi
-        full &= kp_hi <= qp_lo
-    return jnp.where(full, 2, maybe.astype(jnp.int32))
-
-
 def _plan(cls):
     """[B, m, n] classes -> [B, m, n + 2]: each row's classes, then its [lo, hi) tile range."""
     idx = jnp.arange(cls.shape[2], dtype=jnp.int32)
@@ -144,11 +100,13 @@ def _tile_loop(plan_ref, visit, carry):
 
 
 def _scores(q, k, q_pos, kv_pos, slope, cfg):
-    """Base-2 logits: (q k^T * scale + slope * (kv_pos - q_pos)) * log2(e)."""
-    s = _dot(q, k, (1, 1)) * (cfg.scale * LOG2E)
-    if cfg.alibi:
-        s = s + (slope * LOG2E) * (kv_pos[None, :] - q_pos[:, None]).astype(jnp.float32)
-    return s
+    """Base-2 logits of a [bq, bk] tile (tiles.logits2)."""
+    return tiles.logits2(tiles.dot(q, k, (1, 1)), cfg.scale, slope if cfg.alibi else None,
+                         q_pos[:, None], kv_pos[None, :])
+
+
+def _tile_mask(q_seg, q_pos, kv_seg, kv_pos, causal):
+    return tiles.visible(q_seg[:, None], q_pos[:, None], kv_seg[None, :], kv_pos[None, :], causal)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, plan_ref, *refs, cfg,
@@ -165,16 +123,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, plan_ref, *
         s = _scores(q, k_ref[sl, :], q_pos, kv_pos, slope, cfg)
         if masked:
             mask = _tile_mask(q_seg, q_pos, ks_ref[sl], kv_pos, cfg.causal)
-            s = jnp.where(mask, s, MASKED)
+            s = jnp.where(mask, s, tiles.MASKED)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.exp2(s - m_new[:, None])
         if masked:
             p = jnp.where(mask, p, 0.0)
         corr = jnp.exp2(m - m_new)
-        acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
+        acc = acc * corr[:, None] + tiles.dot(p.astype(v.dtype), v)
         return acc, m_new, row_sum * corr + jnp.sum(p, axis=1)
 
-    init = (jnp.zeros((bq, dp), jnp.float32), jnp.full((bq,), MASKED, jnp.float32),
+    init = (jnp.zeros((bq, dp), jnp.float32), jnp.full((bq,), tiles.MASKED, jnp.float32),
             jnp.zeros((bq,), jnp.float32))
     acc, m, row_sum = _tile_loop(plan_ref, visit, init)
     l_safe = jnp.where(row_sum > 0, row_sum, 1.0)  # rows that see no key (padding) return zeros
@@ -195,8 +153,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, qp_ref, 
         p = jnp.exp2(_scores(q, k, q_pos, kv_pos, slope, cfg) - lse[:, None])
         if masked:
             p = jnp.where(_tile_mask(q_seg, q_pos, ks_ref[sl], kv_pos, cfg.causal), p, 0.0)
-        ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k)
+        ds = p * (tiles.dot(do, v, (1, 1)) - delta[:, None])
+        return dq + tiles.dot(ds.astype(k.dtype), k)
 
     dq = _tile_loop(plan_ref, visit, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
@@ -217,9 +175,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, qp_ref,
             p = jnp.exp2(_scores(q, k, q_pos, kv_pos, slope, cfg) - lse_ref[g, sl][:, None])
             if masked:
                 p = jnp.where(_tile_mask(qs_ref[sl], q_pos, kv_seg, kv_pos, cfg.causal), p, 0.0)
-            dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
-            ds = p * (_dot(do, v, (1, 1)) - delta_ref[g, sl][:, None])
-            return dk + _dot(ds.astype(q.dtype), q, (0, 0)), dv
+            dv = dv + tiles.dot(p.astype(do.dtype), do, (0, 0))
+            ds = p * (tiles.dot(do, v, (1, 1)) - delta_ref[g, sl][:, None])
+            return dk + tiles.dot(ds.astype(q.dtype), q, (0, 0)), dv
 
         return _tile_loop(plan_ref, visit, carry)
 
@@ -245,7 +203,8 @@ def _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg):
     kv_all = pl.BlockSpec((None, s, None, dp), lambda bi, hi, i: (bi, 0, hi // g, 0))
     ids_q = pl.BlockSpec((None, bq), lambda bi, hi, i: (bi, i))
     ids_kv = pl.BlockSpec((None, s), lambda bi, hi, i: (bi, 0))
-    plan = _plan(tile_classes(q_seg, q_pos, kv_seg, kv_pos, bq, cfg.blocks.block_k, cfg.causal))
+    bk = cfg.blocks.block_k
+    plan = _plan(tiles.tile_classes(q_seg, q_pos, kv_seg, kv_pos, bq, bk, cfg.causal))
     plan_spec = pl.BlockSpec((None, None, plan.shape[2]), lambda bi, hi, i: (bi, i, 0))
     in_specs = [q_blk, kv_all, kv_all, ids_q, ids_q, ids_kv, ids_kv, plan_spec]
     args = [q, k, v, q_seg, q_pos, kv_seg, kv_pos, plan]
@@ -272,7 +231,7 @@ def _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse, do, cfg):
     row_blk = pl.BlockSpec((None, None, bq), lambda bi, hi, i: (bi, hi, i))
     ids_q = pl.BlockSpec((None, bq), lambda bi, hi, i: (bi, i))
     ids_kv = pl.BlockSpec((None, s), lambda bi, hi, i: (bi, 0))
-    plan = _plan(tile_classes(q_seg, q_pos, kv_seg, kv_pos, bq, bk, cfg.causal))
+    plan = _plan(tiles.tile_classes(q_seg, q_pos, kv_seg, kv_pos, bq, bk, cfg.causal))
     plan_spec = pl.BlockSpec((None, None, plan.shape[2]), lambda bi, hi, i: (bi, i, 0))
     in_specs = [q_blk, kv_all, kv_all, q_blk, row_blk, row_blk, ids_q, ids_q, ids_kv, ids_kv,
                 plan_spec]
@@ -289,7 +248,8 @@ def _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse, do, cfg):
     row_grp = pl.BlockSpec((None, None, g, t), lambda bi, ki, j: (bi, ki, 0, 0))
     ids_q = pl.BlockSpec((None, t), lambda bi, ki, j: (bi, 0))
     ids_kv = pl.BlockSpec((None, bk), lambda bi, ki, j: (bi, j))
-    plan = _plan(tile_classes(q_seg, q_pos, kv_seg, kv_pos, bq, bk, cfg.causal).swapaxes(1, 2))
+    cls = tiles.tile_classes(q_seg, q_pos, kv_seg, kv_pos, bq, bk, cfg.causal)
+    plan = _plan(cls.swapaxes(1, 2))
     plan_spec = pl.BlockSpec((None, None, plan.shape[2]), lambda bi, ki, j: (bi, j, 0))
     in_specs = [q_grp, kv_blk, kv_blk, q_grp, row_grp, row_grp, ids_q, ids_q, ids_kv, ids_kv,
                 plan_spec]
@@ -353,22 +313,18 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
     to True on CPU (Pallas interpreter; slow, for tests) and False on GPU (Triton).
     `block_sizes` and `num_warps` default by head size and dtype (BlockSizes.default).
 
-    A pallas_call has no SPMD partitioning rule: under a multi-device `jax.jit`, XLA would
-    gather its operands onto every device. Pass `shard_axes=(batch_axes, head_axes)` (mesh
-    axis names or tuples of them, or None) to run it per shard under `jax.shard_map` on the
-    mesh set with `jax.set_mesh`; K (kv heads) must divide by the head axes' size.
+    `shard_axes=(batch_axes, head_axes)` runs it per shard (placement.per_shard); K (kv
+    heads) must divide by the head axes' size.
     """
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % kh:
         raise ValueError(f"flash attention: expected q [B,T,H,D], k/v [B,S,K,D] with H % K == 0; "
                          f"got q {q.shape}, k {k.shape}, v {v.shape}")
-    platform = jax.default_backend()
-    if interpret is None:
-        if platform == "tpu":
-            raise ValueError("flash attention: the Pallas kernel lowers to Triton (GPU); "
-                             "on TPU use backend 'xla' (or interpret=True for tests)")
-        interpret = platform == "cpu"
+    if placement.target_platform() == "tpu" and not placement.interpret_default(interpret):
+        raise ValueError("flash attention: this Pallas kernel lowers to Triton (GPU); on TPU "
+                         "kernels.attention runs kernels/flash_tpu.py (or pass interpret=True)")
+    interpret = placement.interpret_default(interpret)
     dp = _pow2_at_least(d)
     blocks, tp, sp = _clamp_blocks(block_sizes or BlockSizes.default(dp, q.dtype), t, s)
     cfg = _Cfg(scale=float(d ** -0.5 if scale is None else scale), causal=bool(causal),
@@ -379,18 +335,8 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
     args = [q, k, v, q_seg, kv_seg, q_pos, kv_pos]
     if alibi_slopes is not None:
         args.append(jnp.asarray(alibi_slopes, jnp.float32).reshape(h))
-    if shard_axes is None:
-        return run(*args, *([None] * (8 - len(args))))
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        raise ValueError("flash attention: shard_axes needs a mesh set with jax.set_mesh")
-    P = jax.sharding.PartitionSpec  # noqa: N806
-    batch, heads = shard_axes
-    x, ids = P(batch, None, heads, None), P(batch, None)
-    specs = (x, x, x, ids, ids, ids, ids, P(heads))[:len(args)]
-    per_shard = jax.shard_map(lambda *a: run(*a, *([None] * (8 - len(a)))), mesh=mesh,
-                              in_specs=specs, out_specs=x, check_vma=False)
-    return per_shard(*args)
+    return placement.per_shard(lambda *a: run(*a, *([None] * (8 - len(a)))), args, shard_axes,
+                               "flash")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tp", "sp", "dp"))

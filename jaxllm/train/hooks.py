@@ -19,7 +19,6 @@ import time
 import jax
 
 from jaxllm import parallel
-from jaxllm.checkpoint import data_meta
 from jaxllm.model.loss import nll_summary
 from jaxllm.model.sample import continuations
 from jaxllm.model.transformer import position_limit
@@ -128,26 +127,20 @@ class Evaluate(Hook):
 
 
 class Checkpoint(Hook):
-    """A checkpoint every `checkpoint.every` steps and at the end (if any step ran)."""
+    """A checkpoint every `checkpoint.every` steps and at the end (if any step ran), through
+    `loop.saver` (`saving.Saver`: healthy states only, events for finished saves)."""
 
     def __init__(self, cfg, step0: int):
         self.cfg, self.step0 = cfg, step0
 
-    def save(self, loop, step, state) -> None:
-        t = time.perf_counter()
-        meta = {"config": self.cfg.to_json_best_effort(), **data_meta(self.cfg, loop.samples)}
-        if loop.ckpt.save(step, state, loop.train_it, meta):
-            loop.writer.write({"event": "checkpoint", "step": step,
-                               "save_s": time.perf_counter() - t})
-
     def on_step(self, loop, step, state):
         every = self.cfg.checkpoint.every
         if every and step % every == 0 and step != self.cfg.train.steps:
-            self.save(loop, step, state)
+            loop.saver.save(step, state, loop.train_it, loop.samples)
 
     def on_end(self, loop, step, state):
         if step > self.step0:
-            self.save(loop, step, state)
+            loop.saver.save(step, state, loop.train_it, loop.samples)
 
 
 class Preempt(Hook):
@@ -162,7 +155,7 @@ class Preempt(Hook):
 
     def on_end(self, loop, step, state):
         if loop.preempted:
-            loop.ckpt.wait()
+            loop.saver.report(wait=True)
             loop.writer.write({"event": "preempted", "step": step, "signal": self.stop.signum,
                                "exit_status": self.stop.exit_status})
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 
 import jax
 from tqdm import tqdm
 
 from jaxllm import optim, parallel
 from jaxllm.checkpoint import Checkpointer
-from jaxllm.data.pipeline import make_pipeline
+from jaxllm.data.pipeline import make_pipeline, split_events
 from jaxllm.data.resolve import resolve
 from jaxllm.run import workdir_path
 from jaxllm.train import hooks, resume
@@ -29,7 +30,9 @@ from jaxllm.train.guard import TrainingDiverged
 from jaxllm.train.preempt import Preemption
 from jaxllm.train.prefetch import DevicePrefetch
 from jaxllm.train.resume import check_compatible
+from jaxllm.train.saving import Saver
 from jaxllm.train.step import jit_train_step, make_eval_step
+from jaxllm.workdir_lock import acquire_for_run, remove_empty_tree
 
 
 def eval_batches(cfg, tokenizer) -> list:
@@ -53,6 +56,7 @@ class Loop:
     lead: bool
     writer: M.MetricsWriter
     ckpt: Checkpointer
+    saver: Saver
     train_it: object
     samples: int
     bar: object = None
@@ -73,20 +77,30 @@ def train(cfg, workdir: str, *, nan_steps=()) -> dict:
     mesh = parallel.make_mesh(cfg)
     wd = workdir_path(workdir)
     check_compatible(cfg, wd)
-    wd.mkdir(parents=True, exist_ok=True)
+    created = not wd.exists()
+    lock = acquire_for_run(str(wd), jax.process_index() == 0, jax.process_count())
     tx = optim.build_optimizer(cfg, guard_nonfinite=False)  # the step guards
     stop = Preemption(check_every=cfg.train.log_every)
-    ckpt = Checkpointer(wd / "checkpoints", cfg)
+    ckpt, ok = Checkpointer(wd / "checkpoints", cfg), False
     try:
-        return _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, tuple(nan_steps))
+        out = _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, tuple(nan_steps))
+        ok = True
+        return out
     finally:
-        stop.restore()
-        ckpt.close()
+        try:
+            stop.restore()
+            ckpt.close()
+        finally:
+            if lock is not None:  # one run per workdir
+                lock.release()
+                if created and not ok:  # e.g. a data error: leave no empty workdir behind
+                    remove_empty_tree(str(wd))
 
 
 def _start(cfg, wd, tokenizer, mesh, tx, ckpt):
-    """Restore or initialise; write config.json and the `start` row. Returns (loop,
-    model_def, state, shardings, step0, flops per token)."""
+    """Restore or initialise; read the held-out batches (data errors before anything is
+    written); write config.json and the `start` row. Returns (loop, model_def, state,
+    shardings, step0, flops per token, held-out batches)."""
     def make_iter(seed):
         c = cfg if seed == cfg.train.seed else _with_seed(cfg, seed)
         host = make_pipeline(c, tokenizer, "train", jax.process_index(), jax.process_count())
@@ -95,6 +109,7 @@ def _start(cfg, wd, tokenizer, mesh, tx, ckpt):
 
     model_def, state, shardings, train_it, restored_from, samples, events = resume.start(
         cfg, mesh, tx, ckpt, make_iter)
+    held_out = eval_batches(cfg, tokenizer)
     lead = jax.process_index() == 0
     if lead:
         (wd / "config.json").write_text(cfg.to_json_best_effort(indent=2))
@@ -107,27 +122,42 @@ def _start(cfg, wd, tokenizer, mesh, tx, ckpt):
                   "devices": jax.device_count(), "processes": jax.process_count(),
                   "mesh": dict(mesh.shape), "device_kind": jax.devices()[0].device_kind,
                   "flops_per_token": fpt, "resumed_from": restored_from})
-    for ev in events:
+    for ev in events + split_events(cfg, tokenizer):
         writer.write(ev)
-    loop = Loop(cfg, mesh, lead, writer, ckpt, train_it, samples, last={"step": step0})
-    return loop, model_def, state, shardings, step0, fpt
+    if step0 and step0 >= cfg.train.steps:
+        _nothing_to_train(writer, step0, cfg.train.steps, lead)
+    loop = Loop(cfg, mesh, lead, writer, ckpt, Saver(cfg, ckpt, writer.write), train_it,
+                samples, last={"step": step0})
+    return loop, model_def, state, shardings, step0, fpt, held_out
 
 
-def default_hooks(cfg, loop, model_def, tokenizer, eval_fn, step0, fpt, stop) -> list:
+def _nothing_to_train(writer, step0: int, steps: int, lead: bool) -> None:
+    """A rerun whose train.steps is not above the trained step: say so (event + stderr)."""
+    writer.write({"event": "nothing_to_train", "step": step0, "train_steps": steps})
+    if lead:
+        print(f"note: the workdir is already trained to step {step0} and train.steps={steps}: "
+              "no steps to run (evaluating only); raise --config.train.steps to train "
+              "further", file=sys.stderr, flush=True)
+
+
+def default_hooks(cfg, loop, model_def, tokenizer, eval_fn, held_out, step0, fpt,
+                  stop) -> list:
     """The periodic actions, in the order they run after each step and at the end."""
     log_train = hooks.LogTrain(cfg, fpt, M.peak_flops(), loop.writer)
-    return [log_train, hooks.Evaluate(cfg, eval_fn, eval_batches(cfg, tokenizer), log_train),
+    return [log_train, hooks.Evaluate(cfg, eval_fn, held_out, log_train),
             hooks.Checkpoint(cfg, step0), hooks.Preempt(stop),
             hooks.Sample(cfg, model_def, tokenizer)]
 
 
 def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, nan_steps) -> dict:
-    loop, model_def, state, shardings, step0, fpt = _start(cfg, wd, tokenizer, mesh, tx, ckpt)
+    loop, model_def, state, shardings, step0, fpt, held_out = _start(
+        cfg, wd, tokenizer, mesh, tx, ckpt)
     with parallel.activate(cfg, mesh):
         step_fn = jit_train_step(cfg, model_def, tx, shardings, mesh, nan_steps=nan_steps)
         eval_fn = jax.jit(make_eval_step(cfg, model_def),
                           in_shardings=(shardings["params"], parallel.batch_sharding(mesh)))
-    actions = default_hooks(cfg, loop, model_def, tokenizer, eval_fn, step0, fpt, stop)
+    actions = default_hooks(cfg, loop, model_def, tokenizer, eval_fn, held_out, step0, fpt,
+                            stop)
     loop.bar = tqdm(total=cfg.train.steps, initial=step0, desc="train", unit="step",
                     disable=not (loop.lead and cfg.log.progress), dynamic_ncols=True)
     step = step0
@@ -143,12 +173,14 @@ def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, nan_steps) -> dict:
             actions[0].on_end(loop, step, state)
     except TrainingDiverged as e:
         loop.bar.close()
+        loop.saver.report(wait=True)
         loop.writer.write({"event": "diverged", "step": step, "message": str(e)})
         loop.writer.close()
         raise
     loop.bar.close()
     for h in actions[1:]:
         h.on_end(loop, step, state)
+    loop.saver.report(wait=True)  # `checkpoint` events of the saves still in flight
     loop.writer.close()
     if loop.preempted:
         return {**loop.last, "step": step, "preempted": True, "exit_status": stop.exit_status}

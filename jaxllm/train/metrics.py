@@ -13,6 +13,8 @@ import os
 import jax
 import numpy as np
 
+from jaxllm.runfiles import open_metrics
+
 PEAK_BF16 = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12,
              "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v5": 459e12,
              "tpu v6 lite": 918e12, "tpu v6e": 918e12}
@@ -58,7 +60,7 @@ class MetricsWriter:
         self.tb = self.wandb = None
         if not enabled:
             return
-        self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.file = open_metrics(os.path.join(workdir, "metrics.jsonl"))
         if cfg.log.tensorboard:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(os.path.join(workdir, "tb"))

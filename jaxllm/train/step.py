@@ -3,8 +3,9 @@
 The loss is the token-weighted mean cross-entropy over non-padding targets (optionally
 plus z-loss), from `model.loss.forward_sums` (logits chunked along the sequence). Gradient
 accumulation scans over micro-batches and normalises by the token count of the whole
-batch, so it equals the single-batch step. A non-finite loss or gradient, or a loss spike,
-skips the update (parameters and optimizer state unchanged; `train/guard.py`).
+batch, so it equals the single-batch step. A non-finite loss or gradient, an update that
+would blow the parameters up, or a loss spike, skips the update (parameters and optimizer
+state unchanged; `train/guard.py`).
 """
 
 from __future__ import annotations
@@ -50,18 +51,21 @@ def make_train_step(cfg, model_def, tx, *, nan_steps=()):
             hit = jnp.isin(state["step"] + 1, jnp.asarray(nan_steps, jnp.int32))
             grads = jax.tree.map(lambda g: jnp.where(hit, jnp.nan, g), grads)
         grad_norm = optax.tree.norm(grads)
-        accept, flags, new_guard = guard.decide(cfg, state["guard"], loss, grad_norm)
         rng, sub = jax.random.split(jax.random.wrap_key_data(state["rng"]))
         extra = optim.hessian_extra_args(cfg, state["step"], model_fn, params, batch, sub)
         updates, new_opt = tx.update(grads, opt_state, params, **extra)
         new_params = optax.apply_updates(params, updates)
+        norms = {"param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates)}
+        blown = guard.exploded(cfg, norms["update_norm"], norms["param_norm"],
+                               optax.tree.norm(new_params))
+        accept, flags, new_guard = guard.decide(cfg, state["guard"], loss, grad_norm, blown)
         def keep(new, old):
             return jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
         new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
                      "opt_state": keep(new_opt, opt_state), "rng": jax.random.key_data(rng),
                      "guard": new_guard}
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
-                   "tokens": n_tokens, "finite": 1 - flags["nonfinite"], **flags,
+                   "tokens": n_tokens, "finite": 1 - flags["nonfinite"], **flags, **norms,
                    **optim.optimizer_metrics(new_opt)}
         return new_state, metrics
 

@@ -1,0 +1,370 @@
+"""Fused flash attention for TPU (Pallas Mosaic) with ALiBi, document and causal masks inside.
+
+The TPU counterpart of kernels/flash.py (Triton), with the same semantics and the same
+decisions, taken from kernels/tiles.py: which pairs are visible (`visible`), base-2 logits
+with the ALiBi bias from per-token positions (`logits2`), and which (q tile, kv tile)
+pairs hold no, some or only visible pairs (`tile_classes`). No T x S bias or mask exists.
+FlashAttention-2 (Dao, 2023) online softmax; the forward saves the base-2 logsumexp and
+the backward recomputes probabilities tile by tile. Splash attention (the JAX library's
+TPU kernel) has block-sparse masks but no ALiBi, which is why this kernel exists.
+
+Layout (Mosaic tiles are (8, 128) for 32-bit values; the lane dimension is 128 wide):
+- q/k/v go head-major, [B, H, T, D]; blocks are (block, D) with D the whole head size;
+- ids and positions reach the kernel twice: as columns [B, T, 128] (lane-replicated,
+  tiled to the tile's width for its row dimension) and as rows [B, 8, T] (a row read for
+  its column dimension), the layout and access splash attention uses; running row
+  maxima and sums live lane-replicated in [block, 128] scratch, as in splash;
+- the logsumexp and delta = rowsum(o * do) travel as rows [B, H, 1, T].
+Grids iterate the streamed tile axis last ("arbitrary") with float32 accumulators in
+VMEM scratch:
+- forward and dq: (batch, q head, q tile, kv tile);
+- dk/dv: (batch, kv head, kv tile, q head of its group, q tile), computing the transposed
+  scores k q^T so the logsumexp rows broadcast without a transpose (GQA: q head h reads
+  kv head h // (H // K); dk/dv sum over the group inside one accumulator).
+Block sparsity: each grid's classes are scalar-prefetched into SMEM as one int32 per
+tile pair, `4 * fetch + class`: class 0 tiles run no code, class 2 tiles compute no mask,
+and `fetch` (the last live tile index, see `_plan`) is what the streamed operands' index
+maps load, so a skipped tile repeats the previous block index and Pallas issues no DMA.
+SMEM holds B * (T / block_q) * (S / block_k) int32 per kernel (per shard).
+
+Shapes: lengths are padded to a block multiple (segment id 0, sliced off again); blocks
+are 128 * 2^k and are clamped to the padded length. Default tiles are 512 (not tuned on
+hardware: no TPU was at hand; benchmark with tools/bench.py --compare_backends).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from jaxllm.kernels import placement, tiles
+
+LANES, SUBLANES = 128, 8
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes (128 * 2^k). `*_dq` and `*_dkv` are the backward kernels' tiles."""
+
+    block_q: int = 512
+    block_k: int = 512
+    block_q_dq: int = 512
+    block_k_dq: int = 512
+    block_q_dkv: int = 512
+    block_k_dkv: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    scale: float
+    causal: bool
+    alibi: bool
+    blocks: BlockSizes
+    interpret: bool
+
+
+def _plan(cls):
+    """[B, m, n] classes -> int32 4 * fetch + class, where fetch is the tile to load for each
+    step of the streamed axis: itself when live, else the last live one before it (the
+    first live one at the start of a row; 0 if none), so dead steps re-use loaded blocks."""
+    n = cls.shape[2]
+    idx = jnp.arange(n, dtype=jnp.int32)
+    prev = lax.cummax(jnp.where(cls > 0, idx, -1), axis=2)
+    first = jnp.min(jnp.where(cls > 0, idx, n), axis=2, keepdims=True) % n
+    return 4 * jnp.where(prev >= 0, prev, first) + cls
+
+
+def _columns(x):
+    return jnp.broadcast_to(x[:, :, None], (*x.shape, LANES))
+
+
+def _rows(x):
+    return jnp.broadcast_to(x[:, None, :], (x.shape[0], SUBLANES, x.shape[1]))
+
+
+def _lanes(x, n):
+    """A lane-replicated [rows, 128] value as [rows, n] (n a multiple of 128, or below it),
+    by tiling or slicing as splash attention does: no broadcast from a 1-wide lane dim."""
+    return jnp.tile(x, (1, n // LANES)) if n % LANES == 0 else x[:, :n]
+
+
+def _dims(n):
+    return pltpu.CompilerParams(
+        dimension_semantics=("parallel",) * 3 + ("arbitrary",) * (n - 3))
+
+
+def _fwd_kernel(plan_ref, q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, *refs, cfg):
+    slopes_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs if cfg.alibi else (None, *refs)
+    b, h, i, j = (pl.program_id(a) for a in range(4))
+
+    @pl.when(j == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, tiles.MASKED, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    def step(masked):
+        v, bk = v_ref[...], v_ref.shape[0]
+        q_pos, kv_pos = _lanes(qp_ref[...], bk), kp_ref[:1, :]
+        slope = slopes_ref[0, h] if cfg.alibi else None
+        s = tiles.logits2(tiles.dot(q_ref[...], k_ref[...], (1, 1)), cfg.scale, slope,
+                          q_pos, kv_pos)
+        if masked:
+            mask = tiles.visible(_lanes(qs_ref[...], bk), q_pos, ks_ref[:1, :], kv_pos,
+                                 cfg.causal)
+            s = jnp.where(mask, s, tiles.MASKED)
+        m_prev = m_ref[...]
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+        p = jnp.exp2(s - _lanes(m_next, bk))
+        if masked:
+            p = jnp.where(mask, p, 0.0)
+        corr = jnp.exp2(m_prev - m_next)
+        l_ref[...] = l_ref[...] * corr + jnp.sum(p, axis=1, keepdims=True)
+        m_ref[...] = m_next
+        acc_ref[...] = (acc_ref[...] * _lanes(corr, acc_ref.shape[1])
+                        + tiles.dot(p.astype(v.dtype), v))
+
+    cls = plan_ref[b, i, j] & 3
+    pl.when(cls == 1)(lambda: step(True))
+    pl.when(cls == 2)(lambda: step(False))
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _end():
+        row_sum = l_ref[...]
+        l_safe = jnp.where(row_sum > 0, row_sum, 1.0)  # rows that see no key return zeros
+        o_ref[...] = (acc_ref[...] / _lanes(l_safe, acc_ref.shape[1])).astype(o_ref.dtype)
+        lse_ref[...] = m_ref[...] + jnp.log2(l_safe)
+
+
+def _dq_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qs_ref, qp_ref, ks_ref,
+               kp_ref, *refs, cfg):
+    slopes_ref, dq_ref, acc_ref = refs if cfg.alibi else (None, *refs)
+    b, h, i, j = (pl.program_id(a) for a in range(4))
+
+    @pl.when(j == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    def step(masked):
+        k, bk = k_ref[...], k_ref.shape[0]
+        q_pos, kv_pos = _lanes(qp_ref[...], bk), kp_ref[:1, :]
+        slope = slopes_ref[0, h] if cfg.alibi else None
+        s = tiles.logits2(tiles.dot(q_ref[...], k, (1, 1)), cfg.scale, slope, q_pos, kv_pos)
+        p = jnp.exp2(s - jnp.expand_dims(lse_ref[0], -1))
+        if masked:
+            mask = tiles.visible(_lanes(qs_ref[...], bk), q_pos, ks_ref[:1, :], kv_pos,
+                                 cfg.causal)
+            p = jnp.where(mask, p, 0.0)
+        dp = tiles.dot(do_ref[...], v_ref[...], (1, 1))
+        ds = p * (dp - jnp.expand_dims(di_ref[0], -1))
+        acc_ref[...] += tiles.dot(ds.astype(k.dtype), k)
+
+    cls = plan_ref[b, i, j] & 3
+    pl.when(cls == 1)(lambda: step(True))
+    pl.when(cls == 2)(lambda: step(False))
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _end():
+        dq_ref[...] = (acc_ref[...] * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qs_ref, qp_ref, ks_ref,
+                kp_ref, *refs, cfg, group):
+    slopes_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs if cfg.alibi else (None, *refs)
+    b, kh, j, g, i = (pl.program_id(a) for a in range(5))
+
+    @pl.when(jnp.logical_and(g == 0, i == 0))
+    def _init():
+        dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
+        dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+
+    def step(masked):  # transposed tile: rows are keys, columns queries
+        q, do = q_ref[...], do_ref[...]
+        bq = q.shape[0]
+        q_pos, kv_pos = qp_ref[:1, :], _lanes(kp_ref[...], bq)
+        slope = slopes_ref[0, kh * group + g] if cfg.alibi else None
+        s = tiles.logits2(tiles.dot(k_ref[...], q, (1, 1)), cfg.scale, slope, q_pos, kv_pos)
+        p = jnp.exp2(s - lse_ref[...])
+        if masked:
+            mask = tiles.visible(qs_ref[:1, :], q_pos, _lanes(ks_ref[...], bq), kv_pos,
+                                 cfg.causal)
+            p = jnp.where(mask, p, 0.0)
+        dv_acc[...] += tiles.dot(p.astype(do.dtype), do)
+        ds = p * (tiles.dot(v_ref[...], do, (1, 1)) - di_ref[...])
+        dk_acc[...] += tiles.dot(ds.astype(q.dtype), q)
+
+    cls = plan_ref[b, j, i] & 3
+    pl.when(cls == 1)(lambda: step(True))
+    pl.when(cls == 2)(lambda: step(False))
+
+    @pl.when(jnp.logical_and(g == group - 1, i == pl.num_programs(4) - 1))
+    def _end():
+        dk_ref[...] = (dk_acc[...] * cfg.scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, cfg, name):
+    spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
+                                        out_specs=out_specs, scratch_shapes=scratch)
+    return pl.pallas_call(kernel, grid_spec=spec, out_shape=out_shape, name=name,
+                          compiler_params=_dims(len(grid)), interpret=cfg.interpret)
+
+
+def _smem_slopes(slopes):
+    """ALiBi slopes as a [1, H] float32 SMEM array (2-D: Mosaic's rank-1 block rules
+    need the chip's description, which a host exporting for TPU does not have)."""
+    if slopes is None:
+        return [], []
+    return [pl.BlockSpec(memory_space=pltpu.SMEM)], [slopes.reshape(1, -1)]
+
+
+def _q_major_specs(bq, bk, d, g):
+    """Blocks of the (batch, q head, q tile, kv tile) grids: q tiles, the fetched kv tile
+    of q head h's kv head, q ids as columns and the fetched kv ids as rows."""
+    def fetch(b, i, j, p):
+        return p[b, i, j] >> 2
+
+    return (pl.BlockSpec((None, None, bq, d), lambda b, h, i, j, p: (b, h, i, 0)),
+            pl.BlockSpec((None, None, bk, d),
+                         lambda b, h, i, j, p: (b, lax.div(h, g), fetch(b, i, j, p), 0)),
+            pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, p: (b, i, 0)),
+            pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j, p: (b, 0, fetch(b, i, j, p))))
+
+
+def _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg):
+    """q [B, H, T, D], k/v [B, K, S, D] -> out [B, H, T, D], base-2 logsumexp [B, H, T]."""
+    b, h, t, d = q.shape
+    g, bq, bk = h // k.shape[1], cfg.blocks.block_q, cfg.blocks.block_k
+    plan = _plan(tiles.tile_classes(q_seg, q_pos, kv_seg, kv_pos, bq, bk, cfg.causal))
+    q_blk, kv_blk, col, row = _q_major_specs(bq, bk, d, g)
+    sl_specs, sl_args = _smem_slopes(slopes)
+    lse_blk = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, p: (b, h, i, 0))
+    out, lse = _call(
+        functools.partial(_fwd_kernel, cfg=cfg), (b, h, t // bq, kv_seg.shape[1] // bk),
+        [q_blk, kv_blk, kv_blk, col, col, row, row, *sl_specs], [q_blk, lse_blk],
+        [jax.ShapeDtypeStruct(q.shape, q.dtype),
+         jax.ShapeDtypeStruct((b, h, t, LANES), jnp.float32)],
+        [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
+         pltpu.VMEM((bq, d), jnp.float32)], cfg, "flash_alibi_tpu_fwd",
+    )(plan, q, k, v, _columns(q_seg), _columns(q_pos), _rows(kv_seg), _rows(kv_pos), *sl_args)
+    return out, lse[..., 0]
+
+
+def _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse, do, cfg):
+    b, h, t, d = q.shape
+    kh, s = k.shape[1], k.shape[2]
+    g = h // kh
+    delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+    lse, delta = lse[:, :, None, :], delta[:, :, None, :]  # rows [B, H, 1, T]
+    sl_specs, sl_args = _smem_slopes(slopes)
+    # dq: (batch, q head, q tile, kv tile)
+    bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
+    plan = _plan(tiles.tile_classes(q_seg, q_pos, kv_seg, kv_pos, bq, bk, cfg.causal))
+    q_blk, kv_blk, col, row = _q_major_specs(bq, bk, d, g)
+    lse_row = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j, p: (b, h, 0, i))
+    dq = _call(
+        functools.partial(_dq_kernel, cfg=cfg), (b, h, t // bq, s // bk),
+        [q_blk, kv_blk, kv_blk, q_blk, lse_row, lse_row, col, col, row, row, *sl_specs], q_blk,
+        jax.ShapeDtypeStruct(q.shape, q.dtype), [pltpu.VMEM((bq, d), jnp.float32)], cfg,
+        "flash_alibi_tpu_dq",
+    )(plan, q, k, v, do, lse, delta, _columns(q_seg), _columns(q_pos), _rows(kv_seg),
+      _rows(kv_pos), *sl_args)
+    # dk, dv: (batch, kv head, kv tile, q head of the group, q tile)
+    bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
+    cls = tiles.tile_classes(q_seg, q_pos, kv_seg, kv_pos, bq, bk, cfg.causal)
+    plan = _plan(cls.swapaxes(1, 2))
+    q_blk = pl.BlockSpec((None, None, bq, d),
+                         lambda b, kh, j, gi, i, p: (b, kh * g + gi, p[b, j, i] >> 2, 0))
+    kv_blk = pl.BlockSpec((None, None, bk, d), lambda b, kh, j, gi, i, p: (b, kh, j, 0))
+    lse_row = pl.BlockSpec((None, None, 1, bq),
+                           lambda b, kh, j, gi, i, p: (b, kh * g + gi, 0, p[b, j, i] >> 2))
+    row = pl.BlockSpec((None, SUBLANES, bq), lambda b, kh, j, gi, i, p: (b, 0, p[b, j, i] >> 2))
+    col = pl.BlockSpec((None, bk, LANES), lambda b, kh, j, gi, i, p: (b, j, 0))
+    dk, dv = _call(
+        functools.partial(_dkv_kernel, cfg=cfg, group=g), (b, kh, s // bk, g, t // bq),
+        [q_blk, kv_blk, kv_blk, q_blk, lse_row, lse_row, row, row, col, col, *sl_specs],
+        [kv_blk, kv_blk], [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
+        [pltpu.VMEM((bk, d), jnp.float32)] * 2, cfg, "flash_alibi_tpu_dkv",
+    )(plan, q, k, v, do, lse, delta, _rows(q_seg), _rows(q_pos), _columns(kv_seg),
+      _columns(kv_pos), *sl_args)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _flash(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg):
+    return _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg):
+    out, lse = _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg)
+    return out, (q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse)
+
+
+def _flash_bwd(cfg, res, do):
+    q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse = res
+    dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse, do, cfg)
+    return dq, dk, dv, None, None, None, None, None  # ids, positions, slopes: no gradient
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _clamp_blocks(blocks: BlockSizes, t: int, s: int) -> tuple[BlockSizes, int, int]:
+    """Clamp each tile to the length rounded up to 128 * 2^k; return padded lengths."""
+    for f in dataclasses.fields(blocks):
+        val = getattr(blocks, f.name)
+        if not isinstance(val, int) or val < LANES or val % LANES or (val // LANES) & (
+                val // LANES - 1):
+            raise ValueError(f"flash attention (TPU): {f.name}={val!r} must be 128 * 2^k")
+
+    def cap(n):
+        return LANES << max(0, tiles.round_up(n, LANES) // LANES - 1).bit_length()
+
+    c = BlockSizes(*(min(getattr(blocks, f.name), cap(t) if f.name.startswith("block_q")
+                         else cap(s)) for f in dataclasses.fields(blocks)))
+    qmult = max(c.block_q, c.block_q_dq, c.block_q_dkv)
+    kmult = max(c.block_k, c.block_k_dq, c.block_k_dkv)
+    return c, tiles.round_up(t, qmult), tiles.round_up(s, kmult)
+
+
+def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=True, scale=None,
+              *, block_sizes: BlockSizes | None = None, interpret: bool | None = None,
+              shard_axes=None):
+    """Flash attention on TPU with the kernels/xla.py signature and semantics
+    (differentiable in q, k, v). q [B, T, H, D]; k, v [B, S, K, D] (H a multiple of K);
+    segment ids and positions [B, T] / [B, S]; alibi_slopes [H] or None. `interpret`
+    defaults to the Pallas interpreter when the target platform is a CPU (tests);
+    `shard_axes` runs it per shard (placement.per_shard)."""
+    b, t, h, d = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % kh:
+        raise ValueError(f"flash attention (TPU): expected q [B,T,H,D], k/v [B,S,K,D] with "
+                         f"H % K == 0; got q {q.shape}, k {k.shape}, v {v.shape}")
+    blocks, tp, sp = _clamp_blocks(block_sizes or BlockSizes(), t, s)
+    cfg = _Cfg(scale=float(d ** -0.5 if scale is None else scale), causal=bool(causal),
+               alibi=alibi_slopes is not None, blocks=blocks,
+               interpret=placement.interpret_default(interpret))
+    run = functools.partial(_padded, cfg=cfg, tp=tp, sp=sp)
+    args = [q, k, v, q_seg, kv_seg, q_pos, kv_pos]
+    if alibi_slopes is not None:
+        args.append(jnp.asarray(alibi_slopes, jnp.float32).reshape(h))
+    return placement.per_shard(lambda *a: run(*a, *([None] * (8 - len(a)))), args, shard_axes,
+                               "flash (TPU)")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "tp", "sp"))
+def _padded(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, *, cfg, tp, sp):
+    """Pad lengths to tp / sp (segment id 0), go head-major, run, undo."""
+    t = q.shape[1]
+    ids = [tiles.pad_tokens(x.astype(jnp.int32), n)
+           for x, n in ((q_seg, tp), (kv_seg, sp), (q_pos, tp), (kv_pos, sp))]
+    qh, kh, vh = (tiles.pad_tokens(x, n).transpose(0, 2, 1, 3)
+                  for x, n in ((q, tp), (k, sp), (v, sp)))
+    out = _flash(qh, kh, vh, *ids, slopes, cfg)
+    return out.transpose(0, 2, 1, 3)[:, :t]

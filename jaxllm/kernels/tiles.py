@@ -1,0 +1,93 @@
+"""Masking rules and tile classes shared by the fused attention kernels (GPU and TPU).
+
+These are the decisions every flash kernel here makes, written once and independent of
+any Pallas backend:
+- `dot`: tile matmuls with float32 accumulation;
+- `visible`: which (query, key) pairs attend: same document (equal segment ids), key not
+  padding (id 0) and, when causal, `kv_pos <= q_pos`;
+- `logits2`: base-2 logits `(q.k * scale + slope * (kv_pos - q_pos)) * log2(e)` (ALiBi,
+  Press et al., ICLR 2022, computed from per-token positions: no T x S bias exists);
+- `tile_classes`: for every (q tile, kv tile) pair, whether no pair, some pairs or all
+  pairs are visible, from per-tile min/max of ids and positions (block sparsity: kernels
+  skip class 0 tiles and drop the mask on class 2 tiles);
+- `pad_tokens`: lengths padded to a block multiple as padding (segment id 0).
+
+All functions broadcast, so a kernel passes ids as a column and a row in whichever
+orientation it computes scores (q rows x kv columns, or the transpose).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+LOG2E = math.log2(math.e)
+MASKED = -1e30  # finite "minus infinity": keeps exp2(m_old - m_new) free of inf - inf
+
+
+def dot(a, b, contract=(1, 0)):
+    """a @ b contracting a's dim contract[0] with b's dim contract[1], float32 accumulation;
+    float32 inputs at full precision (TPUs otherwise multiply them in bfloat16 passes, GPUs
+    in TF32), half-precision inputs natively."""
+    full = a.dtype == jnp.float32
+    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                           precision=lax.Precision.HIGHEST if full else None,
+                           preferred_element_type=jnp.float32)
+
+
+def visible(q_seg, q_pos, kv_seg, kv_pos, causal: bool):
+    """Broadcast visibility: same document, key not padding, and (causal) kv_pos <= q_pos."""
+    mask = jnp.logical_and(q_seg == kv_seg, kv_seg > 0)
+    if causal:
+        mask = jnp.logical_and(mask, kv_pos <= q_pos)
+    return mask
+
+
+def logits2(qk, scale: float, slope, q_pos, kv_pos):
+    """Base-2 logits from raw float32 q.k products; ALiBi bias when `slope` is not None."""
+    s = qk * (scale * LOG2E)
+    if slope is not None:
+        s = s + (slope * LOG2E) * (kv_pos - q_pos).astype(jnp.float32)
+    return s
+
+
+def tile_classes(q_seg, q_pos, kv_seg, kv_pos, block_q, block_k, causal):
+    """[B, nq, nk] int32 class of each (q tile, kv tile) pair.
+
+    0: no pair can be visible (skipped); 2: every pair is visible (no mask computed);
+    1: otherwise (masked). Decided from per-tile min/max of ids and positions, so classes 0
+    and 2 are certain and 1 is "maybe": correct for any ids and positions, O(T/bq * S/bk).
+    """
+    big = jnp.iinfo(jnp.int32).max
+
+    def stats(seg, pos, blk, kv):
+        """Per tile: min/max segment id and position over real tokens (id > 0), raw min id."""
+        seg, pos = seg.reshape(seg.shape[0], -1, blk), pos.reshape(pos.shape[0], -1, blk)
+        real = seg > 0
+        out = (jnp.min(jnp.where(real, seg, big), -1), jnp.max(seg, -1), jnp.min(seg, -1),
+               jnp.min(jnp.where(real, pos, big), -1), jnp.max(jnp.where(real, pos, -big), -1))
+        return [x[:, None, :] if kv else x[:, :, None] for x in out]
+
+    qs_lo, qs_hi, qs_raw, qp_lo, qp_hi = stats(q_seg, q_pos, block_q, False)
+    ks_lo, ks_hi, ks_raw, kp_lo, kp_hi = stats(kv_seg, kv_pos, block_k, True)
+    maybe = (qs_lo <= ks_hi) & (ks_lo <= qs_hi)  # some equal real id (false if none real)
+    full = (qs_raw == qs_hi) & (ks_raw == ks_hi) & (qs_hi == ks_hi) & (ks_raw > 0)
+    if causal:
+        maybe &= kp_lo <= qp_hi
+        full &= kp_hi <= qp_lo
+    return jnp.where(full, 2, maybe.astype(jnp.int32))
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pad_tokens(x, n: int, value=0):
+    """Pad axis 1 (tokens) of `x` to length `n` with `value` (segment id 0 = padding)."""
+    if x.shape[1] == n:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, n - x.shape[1])
+    return jnp.pad(x, widths, constant_values=value)
