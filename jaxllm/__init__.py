@@ -5,7 +5,8 @@ packages on one line are siblings and never import each other (tests/test_layers
 parses every import, function-local ones included):
 
     6  cli, tools/, python -m mains   entry points: flags, `error: ...` + exit 2
-    5  experiments | benchmark | sizing   workflows over the layers below
+    5  experiments | benchmark,        workflows over the layers below
+       bench_report | sizing
     4  train | eval | hf               the training loop; evaluation; HF export/import
     3  checkpoint, state, run,         Orbax checkpoints, the train state's layout,
        runfiles, workdir_lock          opening a run (config.json, newest good params),
@@ -14,7 +15,7 @@ parses every import, function-local ones included):
                                        sampling; tokenizers, corpora, grain pipeline,
                                        config resolution against the tokenizer
     1  kernels | optim | parallel      attention backends (no Flax), optax transforms,
-                                       meshes and logical-axis rules
+       | isolate                       meshes and logical-axis rules, one-row subprocesses
     0  config                          keys, defaults, validation (imports no jaxllm module)
 """
 
@@ -25,6 +26,8 @@ __version__ = "0.1.0"
 LAYERS = {"config": 0, "kernels": 1, "optim": 1, "parallel": 1, "model": 2, "data": 2,
           "checkpoint": 3, "state": 3, "run": 3, "runfiles": 3, "workdir_lock": 3,
           "train": 4, "eval": 4, "hf": 4,
-          "experiments": 5, "benchmark": 5, "sizing": 5, "cli": 6, "tools": 6}
-GROUPS = {"checkpoint": "run", "state": "run", "run": "run", "runfiles": "run",
-          "workdir_lock": "run", "cli": "entry", "tools": "entry"}
+          "experiments": 5, "benchmark": 5, "bench_report": 5, "sizing": 5, "isolate": 1,
+          "cli": 6, "tools": 6}
+GROUPS = {"benchmark": "benchmark", "bench_report": "benchmark", "checkpoint": "run",
+          "state": "run", "run": "run", "runfiles": "run", "workdir_lock": "run",
+          "cli": "entry", "tools": "entry"}

@@ -14,15 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxllm import bench_report, isolate, optim, parallel
 from jaxllm import benchmark as B
-from jaxllm import optim, parallel
 from jaxllm.config import ConfigError, defaults, tiny
-from jaxllm.model.transformer import Transformer
+from jaxllm.model.loss import chunk_size, forward_sums
+from jaxllm.model.transformer import ModelDef, Transformer
+from jaxllm.state import abstract_state
 from jaxllm.train import metrics as M
 from jaxllm.train.prefetch import DevicePrefetch
-from jaxllm.model.transformer import ModelDef
-from jaxllm.state import abstract_state
-from jaxllm.model.loss import chunk_size, forward_sums
 from jaxllm.train.step import make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -275,7 +274,7 @@ def test_failed_configurations_become_rows(monkeypatch):
     row = B.measure_safely(cfg, 1, 0, "tiny")
     assert row["status"] == "oom" and row["error"].startswith("RuntimeError: RESOURCE_EXH")
     assert row["params"] == gpt_params_by_hand(64, 2, 256) and row["seq_len"] == 32
-    md = B.markdown({"meta": {"devices": 1, "device_kind": "cpu", "platform": "cpu",
+    md = bench_report.markdown({"meta": {"devices": 1, "device_kind": "cpu", "platform": "cpu",
                               "jax": "x", "steps": 1, "warmup": 0, "date": "d",
                               "mfu_formula": "f"}, "rows": [row]})
     assert "| tiny | 0.1M | 32 | alibi | xla | 2 | oom: RuntimeError: RESOURCE_EXH" in md
@@ -316,13 +315,13 @@ def test_resume_through_device_prefetch_matches_uninterrupted(tmp_path):
 
 def test_parent_leaves_device_memory_to_isolated_children(monkeypatch):
     monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
-    monkeypatch.setattr(B, "_parent_env", {})
-    B.keep_parent_light()
+    monkeypatch.setattr(isolate, "_parent_env", {})
+    isolate.keep_parent_light()
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
-    env = B._child_env()
+    env = isolate.child_env()
     assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
     assert ROOT in env["PYTHONPATH"].split(os.pathsep)
     monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE")
-    monkeypatch.setattr(B, "_parent_env", {})
-    B.keep_parent_light()
-    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in B._child_env()
+    monkeypatch.setattr(isolate, "_parent_env", {})
+    isolate.keep_parent_light()
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in isolate.child_env()
