@@ -288,12 +288,12 @@ def test_failed_configurations_become_rows(monkeypatch):
 def test_resume_through_device_prefetch_matches_uninterrupted(tmp_path):
     """The loop prefetches the next batch to the device; a checkpoint still records the data
     position of the last batch trained on, so stop + resume gives the same losses."""
-    from conftest import tiny_cfg
+    from tests.fixtures import tiny_model_cfg
 
     from jaxllm.train.loop import train
 
     def cfg(steps):
-        c = tiny_cfg()
+        c = tiny_model_cfg()
         c.model.vocab_size = 0
         c.optim.schedule = "constant"  # the lr must not depend on train.steps here
         c.train.update(steps=steps, log_every=1, eval_every=0)

@@ -12,7 +12,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_eval_utils import (
+from tests.fixtures import (
     corpus_texts,
     random_run,
     ref_continuation,

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.fault_tools import ROOT, env, events, flags, tiny_cfg, train_rows, use_jit_cache
+from tests.fixtures import ROOT, env, events, flags, tiny_cfg, train_rows, use_jit_cache
 
 _jit_cache = pytest.fixture(scope="module", autouse=True)(use_jit_cache)
 

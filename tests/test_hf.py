@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_cfg
+from tests.fixtures import run_cli, tiny_model_cfg
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
@@ -58,7 +58,7 @@ class Model:
 def make(name):
     """A validated config, a model and its parameters, every one random (non-zero biases and
     norm weights too, so a misplaced tensor cannot hide behind an init of 0 or 1)."""
-    cfg = tiny_cfg(**VARIANTS[name])
+    cfg = tiny_model_cfg(**VARIANTS[name])
     cfg.data.seq_len = 16
     validate(cfg)
 
@@ -93,7 +93,7 @@ def test_round_trip_gives_identical_parameters_and_logits(name):
     cfg, model, params = make(name)
     hf, tensors = to_hf(cfg, params)
     keys, back = from_hf(json.loads(json.dumps(hf)), tensors)
-    cfg2 = tiny_cfg(**VARIANTS[name])
+    cfg2 = tiny_model_cfg(**VARIANTS[name])
     cfg2.data.seq_len = 16
     cfg2.model.update(keys)
     validate(cfg2)
@@ -137,7 +137,7 @@ def test_trim_vocab_keeps_logits_of_real_ids():
           d_ff=64), "MPT's MLP width is 4*d_model (128), got d_ff=64"),
 ])
 def test_inexpressible_models_are_refused_by_name(model, needle):
-    cfg = tiny_cfg(**model)
+    cfg = tiny_model_cfg(**model)
     with pytest.raises(ConfigError) as e:
         family(cfg.model)
     assert str(e.value).startswith("model: no transformers class can express this model: ")
@@ -247,7 +247,7 @@ def test_checkpoint_round_trip_through_workdir(tmp_path, name):
     from jaxllm.state import abstract_state
 
     cfg0, model, hf, tensors = _save_hf(name, tmp_path / "hf")
-    base = tiny_cfg(scan_layers=cfg0.model.scan_layers)
+    base = tiny_model_cfg(scan_layers=cfg0.model.scan_layers)
     base.data.seq_len = 16
     s = import_hf(tmp_path / "hf", tmp_path / "wd", base, tokenizer="byte")
     assert s["family"] == name.split("_")[0]
@@ -288,7 +288,7 @@ def test_export_bfloat16_trimmed_and_parameters_only(tmp_path):
     from jaxllm.hf import read_hf
     from jaxllm.run import read_config
     _, _, hf, tensors = _save_hf("llama", tmp_path / "hf")
-    import_hf(tmp_path / "hf", tmp_path / "wd", tiny_cfg(), tokenizer="byte")
+    import_hf(tmp_path / "hf", tmp_path / "wd", tiny_model_cfg(), tokenizer="byte")
     step, params = restore_params(validate(read_config(tmp_path / "wd")), tmp_path / "wd")
     assert step == 0 and set(params) == {"embed", "blocks", "ln_f"}
     with pytest.raises(ConfigError,

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jax.numpy as jnp  # noqa: E402
-from conftest import tiny_cfg  # noqa: E402
+from tests.fixtures import tiny_model_cfg  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 from test_hf import VARIANTS, ids, make  # noqa: E402
 
@@ -64,7 +64,7 @@ def test_exported_workdir_loads_with_tokenizer(tmp_path):
     """Through a real checkpoint: import -> workdir -> export_hf -> transformers."""
     cfg, model, params = make("llama_gqa_bias_untied_geglu")
     save(cfg, params, tmp_path / "hf")
-    base = tiny_cfg(scan_layers=False)
+    base = tiny_model_cfg(scan_layers=False)
     base.data.seq_len = 16
     import_hf(tmp_path / "hf", tmp_path / "wd", base, tokenizer="byte")
     export_hf(tmp_path / "wd", tmp_path / "out")

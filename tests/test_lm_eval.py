@@ -19,12 +19,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from test_eval_utils import (  # noqa: E402
+from tests.fixtures import (  # noqa: E402
     corpus_texts,
     random_run,
     ref_continuation,
     ref_logprobs,
-    tiny_cfg,
+    tiny_eval_cfg,
     write_jsonl,
 )
 
@@ -85,7 +85,7 @@ def workdir(tmp_path_factory):
     from jaxllm.train.loop import train
 
     root = tmp_path_factory.mktemp("lmeval")
-    cfg = tiny_cfg(init_std=0.3)
+    cfg = tiny_eval_cfg(init_std=0.3)
     cfg.data.path = write_jsonl(root / "train.jsonl", corpus_texts() * 2)
     cfg.data.eval_fraction = 0.2
     cfg.train.update(steps=2, log_every=1)

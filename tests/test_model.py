@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tiny_cfg
+from tests.fixtures import tiny_model_cfg
 from flax import nnx
 
 from jaxllm.model.layers import ACTIVATIONS, resolved_d_ff
@@ -16,7 +16,7 @@ from jaxllm.model.transformer import Transformer
 
 
 def build(**model):
-    cfg = tiny_cfg(**model)
+    cfg = tiny_model_cfg(**model)
     return cfg, Transformer(cfg, nnx.Rngs(0))
 
 
@@ -71,7 +71,7 @@ def test_scan_and_loop_layers_agree():
 
 
 def test_gated_d_ff_rounding_and_gqa_shapes():
-    cfg = tiny_cfg(d_model=96, activation="swiglu", n_heads=4, n_kv_heads=2)
+    cfg = tiny_model_cfg(d_model=96, activation="swiglu", n_heads=4, n_kv_heads=2)
     assert resolved_d_ff(cfg.model) == 256  # 2/3 * 4 * 96 = 256, already a multiple of 64
     cfg.model.d_model = 100
     assert resolved_d_ff(cfg.model) == 320  # 266.67 -> 320
@@ -117,7 +117,7 @@ def _train_losses(cfg, steps):
 
 @pytest.mark.parametrize("pos,act", list(itertools.product(POS_ENCODINGS, ACTIVATIONS)))
 def test_every_combination_trains(pos, act):
-    cfg = tiny_cfg(pos_encoding=pos, activation=act, n_layers=1)
+    cfg = tiny_model_cfg(pos_encoding=pos, activation=act, n_layers=1)
     losses = _train_losses(cfg, 20)
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.7 * losses[0], losses

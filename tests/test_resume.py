@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.fault_tools import ROOT, env, events, flags, rows, tiny_cfg, train_rows, use_jit_cache
+from tests.fixtures import ROOT, env, events, flags, rows, tiny_cfg, train_rows, use_jit_cache
 
 _jit_cache = pytest.fixture(scope="module", autouse=True)(use_jit_cache)
 
@@ -77,7 +77,7 @@ def test_sigterm_then_same_command_is_bitwise_identical(tmp_path):
 
 _MESH_SCRIPT = """
 import json, shutil, sys
-from tests.fault_tools import tiny_cfg, train_rows
+from tests.fixtures import tiny_cfg, train_rows
 from jaxllm.train.loop import train
 base, out = sys.argv[1], {}
 def cfg(steps, mesh):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from test_eval_utils import random_run, ref_forward
+from tests.fixtures import random_run, ref_forward
 
 from jaxllm.model.sample import filter_logits, generate, left_pad
 
