@@ -94,3 +94,18 @@ def test_the_check_catches_upward_and_sideways_imports(tmp_path):
     assert _violations([(probe, "jaxllm.experiments")]) == []
     probe.write_text("from flax import nnx\n")
     assert len(_violations([(probe, "jaxllm.kernels.probe")])) == 1
+
+
+def test_functions_outside_kernels_stay_short():
+    """The project's size rule: no function outside jaxllm/kernels/ (whose Pallas kernels
+    are long by nature) is longer than 60 lines, so each reads in one screen."""
+    long = []
+    for path in sorted([*ROOT.glob("jaxllm/**/*.py"), *ROOT.glob("tools/*.py")]):
+        if "kernels" in path.relative_to(ROOT).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 60:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
+    assert long == []

@@ -120,76 +120,70 @@ def _zeros_if_none(x, shape, dtype):
 
 
 # ----------------------------------------------------------------------------- export
-def to_hf(cfg, params, vocab: int | None = None):
-    """(hf_config dict, {name: np.ndarray}) for `params` (a pure dict of arrays)."""
-    m = cfg.model
-    fam = family(m)
-    p = _map(np.asarray, params)
+def _attn_parts(a, m) -> dict:
+    """One layer's attention weights as 2-D matrices [in, out] and flat biases (or None)."""
     d, h = m.d_model, m.n_heads
     kv, hd = m.n_kv_heads or h, d // h
-    f = resolved_d_ff(m)
-    v = m.vocab_size if vocab is None else vocab
-    if not 0 < v <= m.vocab_size:
-        raise ConfigError(f"vocab: must be in [1, {m.vocab_size}], got {v}")
-    emb = p["embed"]["embedding"][:v]
-    head = None if m.tie_embeddings else p["lm_head"][:, :v].T
-    dt = emb.dtype
-    t = {}
-    for i, L in enumerate(layers_of(p, m.n_layers)):
-        a, mlp = L["attn"], L["mlp"]
-        wq, wk, wv = (a["wq"].reshape(d, h * hd), a["wk"].reshape(d, kv * hd),
-                      a["wv"].reshape(d, kv * hd))
-        wo = a["wo"].reshape(h * hd, d)
-        bq = None if a.get("q_bias") is None else a["q_bias"].reshape(-1)
-        bk = None if a.get("k_bias") is None else a["k_bias"].reshape(-1)
-        bv = None if a.get("v_bias") is None else a["v_bias"].reshape(-1)
-        if fam == "llama":
-            pre = f"model.layers.{i}."
-            t[pre + "self_attn.q_proj.weight"] = wq.T
-            t[pre + "self_attn.k_proj.weight"] = wk.T
-            t[pre + "self_attn.v_proj.weight"] = wv.T
-            t[pre + "self_attn.o_proj.weight"] = wo.T
-            t[pre + "mlp.gate_proj.weight"] = mlp["w_gate"].T
-            t[pre + "mlp.up_proj.weight"] = mlp["w_up"].T
-            t[pre + "mlp.down_proj.weight"] = mlp["w_down"].T
-            if m.use_bias:
-                t.update({pre + "self_attn.q_proj.bias": bq, pre + "self_attn.k_proj.bias": bk,
-                          pre + "self_attn.v_proj.bias": bv,
-                          pre + "self_attn.o_proj.bias": a["o_bias"],
-                          pre + "mlp.gate_proj.bias": mlp["gate_bias"],
-                          pre + "mlp.up_proj.bias": mlp["up_bias"],
-                          pre + "mlp.down_proj.bias": mlp["down_bias"]})
-            t[pre + "input_layernorm.weight"] = L["ln1"]["scale"]
-            t[pre + "post_attention_layernorm.weight"] = L["ln2"]["scale"]
-        elif fam == "gpt2":
-            pre = f"transformer.h.{i}."
+    return {"wq": a["wq"].reshape(d, h * hd), "wk": a["wk"].reshape(d, kv * hd),
+            "wv": a["wv"].reshape(d, kv * hd), "wo": a["wo"].reshape(h * hd, d),
+            **{b: None if a.get(f"{b[1]}_bias") is None else a[f"{b[1]}_bias"].reshape(-1)
+               for b in ("bq", "bk", "bv")}}
 
-            def z(x, n):
-                return _zeros_if_none(x, (n,), dt)
-            t[pre + "attn.c_attn.weight"] = np.concatenate([wq, wk, wv], axis=1)
-            t[pre + "attn.c_attn.bias"] = np.concatenate([z(bq, d), z(bk, d), z(bv, d)])
-            t[pre + "attn.c_proj.weight"] = wo
-            t[pre + "attn.c_proj.bias"] = z(a.get("o_bias"), d)
-            t[pre + "mlp.c_fc.weight"] = mlp["w_up"]
-            t[pre + "mlp.c_fc.bias"] = z(mlp.get("up_bias"), f)
-            t[pre + "mlp.c_proj.weight"] = mlp["w_down"]
-            t[pre + "mlp.c_proj.bias"] = z(mlp.get("down_bias"), d)
-            for j in (1, 2):
-                t[pre + f"ln_{j}.weight"] = L[f"ln{j}"]["scale"]
-                t[pre + f"ln_{j}.bias"] = z(L[f"ln{j}"].get("bias"), d)
-        else:  # mpt
-            pre = f"transformer.blocks.{i}."
-            t[pre + "attn.Wqkv.weight"] = np.concatenate([wq, wk, wv], axis=1).T
-            t[pre + "attn.out_proj.weight"] = wo.T
-            t[pre + "ffn.up_proj.weight"] = mlp["w_up"].T
-            t[pre + "ffn.down_proj.weight"] = mlp["w_down"].T
-            t[pre + "norm_1.weight"] = L["ln1"]["scale"]
-            t[pre + "norm_2.weight"] = L["ln2"]["scale"]
-    n_pos = m.max_position or cfg.data.seq_len
+
+def _llama_layer(t, i, L, w, m, dt) -> None:
+    pre, mlp = f"model.layers.{i}.", L["mlp"]
+    for name, key in (("q", "wq"), ("k", "wk"), ("v", "wv"), ("o", "wo")):
+        t[pre + f"self_attn.{name}_proj.weight"] = w[key].T
+    for name in ("gate", "up", "down"):
+        t[pre + f"mlp.{name}_proj.weight"] = mlp[f"w_{name}"].T
+    if m.use_bias:
+        t.update({pre + "self_attn.q_proj.bias": w["bq"], pre + "self_attn.k_proj.bias": w["bk"],
+                  pre + "self_attn.v_proj.bias": w["bv"],
+                  pre + "self_attn.o_proj.bias": L["attn"]["o_bias"],
+                  **{pre + f"mlp.{n}_proj.bias": mlp[f"{n}_bias"] for n in ("gate", "up", "down")}})
+    t[pre + "input_layernorm.weight"] = L["ln1"]["scale"]
+    t[pre + "post_attention_layernorm.weight"] = L["ln2"]["scale"]
+
+
+def _gpt2_layer(t, i, L, w, m, dt) -> None:
+    pre, mlp, d, f = f"transformer.h.{i}.", L["mlp"], m.d_model, resolved_d_ff(m)
+
+    def z(x, n):
+        return _zeros_if_none(x, (n,), dt)
+    t[pre + "attn.c_attn.weight"] = np.concatenate([w["wq"], w["wk"], w["wv"]], axis=1)
+    t[pre + "attn.c_attn.bias"] = np.concatenate([z(w["bq"], d), z(w["bk"], d), z(w["bv"], d)])
+    t[pre + "attn.c_proj.weight"] = w["wo"]
+    t[pre + "attn.c_proj.bias"] = z(L["attn"].get("o_bias"), d)
+    t[pre + "mlp.c_fc.weight"] = mlp["w_up"]
+    t[pre + "mlp.c_fc.bias"] = z(mlp.get("up_bias"), f)
+    t[pre + "mlp.c_proj.weight"] = mlp["w_down"]
+    t[pre + "mlp.c_proj.bias"] = z(mlp.get("down_bias"), d)
+    for j in (1, 2):
+        t[pre + f"ln_{j}.weight"] = L[f"ln{j}"]["scale"]
+        t[pre + f"ln_{j}.bias"] = z(L[f"ln{j}"].get("bias"), d)
+
+
+def _mpt_layer(t, i, L, w, m, dt) -> None:
+    pre, mlp = f"transformer.blocks.{i}.", L["mlp"]
+    t[pre + "attn.Wqkv.weight"] = np.concatenate([w["wq"], w["wk"], w["wv"]], axis=1).T
+    t[pre + "attn.out_proj.weight"] = w["wo"].T
+    t[pre + "ffn.up_proj.weight"] = mlp["w_up"].T
+    t[pre + "ffn.down_proj.weight"] = mlp["w_down"].T
+    t[pre + "norm_1.weight"] = L["ln1"]["scale"]
+    t[pre + "norm_2.weight"] = L["ln2"]["scale"]
+
+
+_LAYER = {"llama": _llama_layer, "gpt2": _gpt2_layer, "mpt": _mpt_layer}
+
+
+def _outer(t, fam, p, emb, cfg, dt) -> None:
+    """Embeddings and the final norm of family `fam`."""
+    d = cfg.model.d_model
     if fam == "llama":
         t["model.embed_tokens.weight"] = emb
         t["model.norm.weight"] = p["ln_f"]["scale"]
     elif fam == "gpt2":
+        n_pos = cfg.model.max_position or cfg.data.seq_len
         t["transformer.wte.weight"] = emb
         t["transformer.wpe.weight"] = (p["pos_embed"]["embedding"] if "pos_embed" in p
                                        else np.zeros((n_pos, d), dt))
@@ -198,8 +192,23 @@ def to_hf(cfg, params, vocab: int | None = None):
     else:
         t["transformer.wte.weight"] = emb
         t["transformer.norm_f.weight"] = p["ln_f"]["scale"]
-    if head is not None:
-        t["lm_head.weight"] = head
+
+
+def to_hf(cfg, params, vocab: int | None = None):
+    """(hf_config dict, {name: np.ndarray}) for `params` (a pure dict of arrays)."""
+    m = cfg.model
+    fam = family(m)
+    p = _map(np.asarray, params)
+    v = m.vocab_size if vocab is None else vocab
+    if not 0 < v <= m.vocab_size:
+        raise ConfigError(f"vocab: must be in [1, {m.vocab_size}], got {v}")
+    emb = p["embed"]["embedding"][:v]
+    t = {}
+    for i, L in enumerate(layers_of(p, m.n_layers)):
+        _LAYER[fam](t, i, L, _attn_parts(L["attn"], m), m, emb.dtype)
+    _outer(t, fam, p, emb, cfg, emb.dtype)
+    if not m.tie_embeddings:
+        t["lm_head.weight"] = p["lm_head"][:, :v].T
     t = {k: np.ascontiguousarray(x) for k, x in t.items()}
     return hf_config(cfg, fam, v), t
 
