@@ -24,6 +24,7 @@ resolved config and the data position (`process_count`, `global_batch`, `samples
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -41,6 +42,15 @@ log = logging.getLogger("jaxllm")
 
 class CheckpointError(ConfigError):
     """No checkpoint in the directory could be restored (CLI: `error: ...`, exit 2)."""
+
+
+# How storage failures read once Orbax/TensorStore have wrapped them (ValueError/RuntimeError)
+_IO_FAILURES = ("RESOURCE_EXHAUSTED", "No space left", "PERMISSION_DENIED",
+                "Permission denied", "Read-only file system", "Disk quota")
+
+
+class CheckpointWriteError(ConfigError):
+    """A save failed for lack of space or permission (CLI: `error: ...`, exit 2)."""
 
 
 @dataclasses.dataclass
@@ -85,7 +95,8 @@ class Checkpointer:
             data_iter=grain.checkpoint.CheckpointSave(data_iter),
             meta=ocp.args.JsonSave(meta))
         t = time.perf_counter()
-        self.manager.save(step, args=args, force=True)
+        with self._storage():  # also reports a failure of the previous async save
+            self.manager.save(step, args=args, force=True)
         self.last_saved = step
         self.pending[step] = time.perf_counter() - t
         return True
@@ -95,12 +106,16 @@ class Checkpointer:
         the save call blocked); with `wait`, wait for the ones in flight first. A save that
         failed never appears."""
         if wait:
-            self.manager.wait_until_finished()
-        if not self.pending or self.manager.is_saving_in_progress():
-            return []
-        done = set(self.manager.all_steps())
+            self.wait()
+        # Orbax lists a step in all_steps() from the start of its save; finalized means
+        # DIR/<step> renamed from its temporary name (or, on GCS, with commit_success.txt)
+        done = {s for s in self.pending if (self.directory / str(s)).exists()
+                and ocp.utils.is_checkpoint_finalized(self.directory / str(s))}
         out = [(s, t) for s, t in sorted(self.pending.items()) if s in done]
-        self.pending = {}
+        if wait or not self.manager.is_saving_in_progress():
+            self.pending = {}  # what is not listed now failed
+        else:
+            self.pending = {s: t for s, t in self.pending.items() if s not in done}
         return out
 
     def read_meta(self, step: int) -> dict:
@@ -175,12 +190,32 @@ class Checkpointer:
         self.manager.reload()
         return moved
 
+    @contextlib.contextmanager
+    def _storage(self):
+        """Turn a save that failed for lack of space or permission into CheckpointWriteError
+        (what to do, and which finished steps are kept); anything else propagates."""
+        try:
+            yield
+        except Exception as e:
+            text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            if not (isinstance(e, OSError) or any(m in str(e) for m in _IO_FAILURES)):
+                raise
+            kept = ", ".join(map(str, self.steps())) or "none"
+            raise CheckpointWriteError(
+                f"checkpoint could not be written ({self.directory}: {text}): free "
+                f"disk space or fix permissions, then rerun the same command; finished "
+                f"checkpoints (steps {kept}) are kept and the run resumes from the newest"
+                ) from None
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._storage():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 # what a checkpoint's `meta` records of the data layout; resuming with all of them unchanged

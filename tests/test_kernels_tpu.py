@@ -1,7 +1,8 @@
 """TPU attention kernels (splash, and the Mosaic ALiBi flash kernel) against the reference.
 
-Both run in Pallas interpret mode on CPU. Errors as in test_kernels.py: max|a - b| / max|b|,
-float32 <= 1e-5, bfloat16 <= 2e-2, outputs and dq/dk/dv. Every case has packed documents
+Both run in the Pallas interpreter (interpret=True, so on any host). Errors as in
+test_kernels.py: max|a - b| / max|b|, float32 <= 1e-5, bfloat16 <= 2e-2, outputs and
+dq/dk/dv. Every case has packed documents
 and trailing padding (packed_ids); lengths 200 and 100 are not block multiples. That the
 kernels lower to Mosaic for a TPU is checked in test_lowering.py.
 """
@@ -52,7 +53,8 @@ FLASH_CASES = [
 @pytest.mark.parametrize("t,d,h,kh,dtype,alibi,causal", FLASH_CASES)
 def test_flash_tpu_matches_xla_outputs_and_grads(t, d, h, kh, dtype, alibi, causal):
     def fn(q, k, v, seg, pos, sl):
-        return flash_tpu.attention(q, k, v, seg, seg, pos, pos, sl, causal, block_sizes=B128)
+        return flash_tpu.attention(q, k, v, seg, seg, pos, pos, sl, causal, block_sizes=B128,
+                                   interpret=True)
     check_against_xla(fn, t, d, h, kh, dtype, alibi, causal, seed=t + d)
 
 
@@ -68,7 +70,7 @@ SPLASH_CASES = [
 @pytest.mark.parametrize("t,d,h,kh,dtype,scale", SPLASH_CASES)
 def test_splash_matches_xla_outputs_and_grads(t, d, h, kh, dtype, scale):
     def fn(q, k, v, seg, pos, sl):
-        return splash.attention(q, k, v, seg, seg, pos, pos, sl, scale=scale)
+        return splash.attention(q, k, v, seg, seg, pos, pos, sl, scale=scale, interpret=True)
     check_against_xla(fn, t, d, h, kh, dtype, False, scale=scale, seed=t + d)
 
 
@@ -79,7 +81,7 @@ def test_splash_applies_the_softmax_scale():
     q, k, v = random_qkv(rng, 1, 128, 2, 2, 64)
     ids = jnp.ones((1, 128), jnp.int32)
     pos = jnp.arange(128, dtype=jnp.int32)[None]
-    got = splash.attention(q, k, v, ids, ids, pos, pos)
+    got = splash.attention(q, k, v, ids, ids, pos, pos, interpret=True)
     assert rel(got, xla.attention(q, k, v, ids, ids, pos, pos)) < 1e-5
     assert rel(got, xla.attention(q, k, v, ids, ids, pos, pos, scale=1.0)) > 0.1
 
@@ -94,7 +96,7 @@ def test_flash_tpu_skips_tiles_with_no_visible_pair():
     bad = v.at[:, 128:].set(jnp.nan)
     for causal in (True, False):
         out = np.asarray(flash_tpu.attention(q, k, bad, seg, seg, pos, pos, None, causal,
-                                             block_sizes=B128))
+                                             block_sizes=B128, interpret=True))
         assert np.isfinite(out[:, :128]).all() and np.isnan(out[:, 128:]).all()
     assert np.isnan(np.asarray(xla.attention(q, k, bad, seg, seg, pos, pos))[:, :128]).all()
 
@@ -118,6 +120,11 @@ def test_tpu_backends_reject_what_they_cannot_do():
                             block_sizes=flash_tpu.BlockSizes(block_q=192))
     with pytest.raises(ValueError, match="H % K"):
         flash_tpu.attention(q[:, :, :1], k, v, ids, ids, ids, ids)
+    with kernels.lowering_for("cuda"), pytest.raises(
+            ValueError, match="splash attention is a TPU .Mosaic. kernel and the platform is cuda"):
+        splash.attention(q, k, v, ids, ids, ids, ids)
+    with pytest.raises(ValueError, match="bytes of tile metadata .* use larger blocks"):
+        flash_tpu._plan(jnp.ones((33, 64, 64), jnp.int32))  # > 512 KiB
 
 
 def test_config_accepts_every_backend_and_only_those():
@@ -151,7 +158,7 @@ def test_decoding_over_a_cache_matches_reference(backend):
     kv_pos = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (2, 40))
     sl = jnp.asarray(slopes_for(4)) if backend == "flash_tpu" else None
     fn = {"splash": splash.attention, "flash_tpu": flash_tpu.attention}[backend]
-    got = fn(q, k, v, q_seg, kv_seg, q_pos, kv_pos, sl)
+    got = fn(q, k, v, q_seg, kv_seg, q_pos, kv_pos, sl, interpret=True)
     assert rel(got, xla.attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, sl)) < 1e-5
 
 

@@ -303,3 +303,33 @@ def test_jaxllm_lm_eval_command(workdir, tasks, results, capsys, local_tasks_onl
               "--include_path", str(tasks[0])])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "error: --workdir: /nonexistent is not a directory" in err
+
+
+def test_subword_tokenizer_pairs_and_windows_equal_numpy(tmp_path):
+    """A byte-level BPE run: lm-eval's pair encoding (context and context + continuation
+    encoded, the continuation being the difference; trailing spaces move to it) and rolling
+    windows over ids above 256, against the numpy reference."""
+    from lm_eval.api.instance import Instance
+
+    from jaxllm.data.tokenizer_training import train_tokenizer
+
+    path = train_tokenizer([write_jsonl(tmp_path / "t.jsonl", corpus_texts())], "byte_bpe",
+                           400, str(tmp_path / "tok"), progress=False)
+    run = random_run(tokenizer=path, init_std=0.1)
+    lm = JaxllmLM(run=run, batch_size=3, max_length=16)
+    tok = run.tokenizer
+    pairs = [("import os\nimport ", "sys"), ("def f(x):\n    return", " x + 1"),
+             ("", "while True:"), ("class A(object):\n    def __init__(self):", " pass")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    for (context, continuation), (logprob, _) in zip(pairs, got, strict=True):
+        n_sp = len(context) - len(context.rstrip())
+        ctx = [tok.eos_id] + tok.encode(context[:len(context) - n_sp])
+        whole = [tok.eos_id] + tok.encode(context + continuation)
+        assert whole[:len(ctx)] == ctx and max(whole) >= 256
+        full = np.array(whole, np.int32)[-17:]
+        ref = ref_continuation(run, full, len(full) - 1 - (len(whole) - len(ctx)))[0]
+        assert logprob == pytest.approx(ref, rel=1e-5, abs=1e-4)
+    text = corpus_texts(("keyword.py",), limit=300)[0]
+    roll = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    assert len(tok.encode(text)) > 3 * 16
+    assert roll[0] == pytest.approx(_ref_rolling(run, text, 16), rel=1e-5)

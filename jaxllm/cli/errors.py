@@ -154,5 +154,28 @@ def quiet_libraries(verbose: bool = False) -> None:
     level = logging.INFO if verbose else logging.CRITICAL
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(level)
-    if not verbose:
+    if not verbose and not hasattr(sys.excepthook, "jaxllm_filtered"):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ warnings
+        sys.excepthook = _drop_background_noise(sys.excepthook, whole=True)
+        sys.unraisablehook = _drop_background_noise(sys.unraisablehook, whole=False)
+
+
+_BACKGROUND = ("/asyncio/", "/orbax/", "/tensorstore/", "/concurrent/futures/", "threading.py")
+
+
+def _drop_background_noise(hook, whole: bool):
+    """Wrap sys.excepthook / sys.unraisablehook: drop the tracebacks that Orbax's
+    background writers leave behind after a failed save (an event loop closed under a
+    pending write, coroutines collected at exit): frames of asyncio/Orbax/TensorStore only
+    (`whole`), or any such frame for unraisable ones. Anything from our code still shows."""
+    import traceback
+
+    def filtered(*args):
+        tb = args[2] if len(args) == 3 else getattr(args[0], "exc_traceback", None)
+        files = [f.filename for f in traceback.extract_tb(tb)] if tb is not None else []
+        hits = [any(m in f for m in _BACKGROUND) for f in files]
+        if hits and (all(hits) if whole else any(hits)):
+            return
+        hook(*args)
+    filtered.jaxllm_filtered = True
+    return filtered

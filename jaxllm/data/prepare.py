@@ -238,20 +238,21 @@ class PreparedData:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{key}: {self.path / MANIFEST} is missing or corrupt ({e}); "
                              "prepare the data with tools/prepare_data.py") from e
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{key}: {self.path} has format {self.manifest.get('format')!r}, "
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            got = self.manifest.get("format") if isinstance(self.manifest, dict) else None
+            raise ValueError(f"{key}: {self.path} has format {got!r}, "
                              f"expected {FORMAT}")
         try:
             dtype = np.dtype(self.manifest["dtype"])
             self.shards = [np.memmap(self.path / s["file"], dtype=dtype, mode="r")
                            for s in self.manifest["shards"]]
             self.doc_len = np.load(self.path / "doc_lengths.npy").astype(np.int64)
-        except (OSError, ValueError, KeyError) as e:
+            counts = [int(s["docs"]) for s in self.manifest["shards"]]
+            sizes = [int(s["tokens"]) for s in self.manifest["shards"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{key}: {self.path} is incomplete or corrupt ({e})") from e
-        counts = [s["docs"] for s in self.manifest["shards"]]
         if sum(counts) != len(self.doc_len) or any(
-                len(m) != s["tokens"]
-                for m, s in zip(self.shards, self.manifest["shards"], strict=False)):
+                len(m) != n for m, n in zip(self.shards, sizes, strict=False)):
             raise ValueError(f"{key}: {self.path}: shard sizes disagree with manifest.json")
         self.doc_shard = np.repeat(np.arange(len(counts)), counts)
         spans = self.doc_len + 1

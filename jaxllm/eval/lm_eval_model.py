@@ -41,6 +41,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
+from tqdm import tqdm
 
 from jaxllm.config import ConfigError
 from jaxllm.eval.harness import bucket_length
@@ -74,6 +75,8 @@ class JaxllmLM(TemplateLM):
         if unknown:
             raise ConfigError(f"--model_args: unknown argument {unknown[0]!r}; allowed: "
                               "workdir, step, batch_size, max_length, max_gen_toks, tokenizer")
+        bs, self.max_gen_toks = self._batch_size(batch_size), _int_arg("max_gen_toks",
+                                                                        max_gen_toks)
         if run is None:
             from jaxllm.run import load_run
             if not workdir:
@@ -82,12 +85,12 @@ class JaxllmLM(TemplateLM):
             run = load_run(str(workdir), step=None if step is None else _int_arg("step", step, 0),
                            tokenizer=tokenizer)
         self.run = run
-        self.scorer = Scorer(run, self._batch_size(batch_size))
+        self.scorer = Scorer(run, bs)
         self.batch_size = self.scorer.batch_size
         self._max_length = self._window(max_length)
-        self.max_gen_toks = _int_arg("max_gen_toks", max_gen_toks)
 
-    def _batch_size(self, value) -> int:
+    @staticmethod
+    def _batch_size(value) -> int:
         """An integer, rounded up to a multiple of the device count (rows are split evenly
         over the devices). lm-eval's `auto` search is not offered."""
         import jax
@@ -141,18 +144,24 @@ class JaxllmLM(TemplateLM):
                 "max_length": self.max_length, "tokenizer": c.data.tokenizer,
                 "pos_encoding": c.model.pos_encoding}
 
-    def _score(self, requests: list[Request]) -> list[tuple[float, bool]]:
+    def _score(self, requests: list[Request], desc: str = "loglikelihood",
+               disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(summed log-probability, all tokens greedy) per request, in the given order;
         scored in groups of one row length, longest first."""
         groups = defaultdict(list)
         for i, r in enumerate(requests):
             groups[bucket_length(len(r.tokens) - 1, self.max_length)].append(i)
         out: list = [None] * len(requests)
-        for length in sorted(groups, reverse=True):
-            idx = sorted(groups[length], key=lambda i: -len(requests[i].tokens))
-            s = self.scorer.score([requests[i] for i in idx], length, greedy=True)
-            for k, i in enumerate(idx):
-                out[i] = (-float(s.nll[k]), bool(s.greedy[k]))
+        step = self.batch_size * 16  # requests per progress update
+        with tqdm(total=len(requests), desc=desc, disable=disable_tqdm) as bar:
+            for length in sorted(groups, reverse=True):
+                idx = sorted(groups[length], key=lambda i: -len(requests[i].tokens))
+                for lo in range(0, len(idx), step):
+                    part = idx[lo:lo + step]
+                    s = self.scorer.score([requests[i] for i in part], length, greedy=True)
+                    for k, i in enumerate(part):
+                        out[i] = (-float(s.nll[k]), bool(s.greedy[k]))
+                    bar.update(len(part))
         return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
@@ -164,7 +173,7 @@ class JaxllmLM(TemplateLM):
                                  f"does not fit max_length={self.max_length} (context "
                                  f"{context[-40:]!r}); raise max_length")
             reqs.append(r)
-        out = self._score(reqs)
+        out = self._score(reqs, disable_tqdm=disable_tqdm)
         for (args, _, _), res in zip(requests, out, strict=True):
             self.cache_hook.add_partial("loglikelihood", args, res)
         return out
@@ -180,7 +189,8 @@ class JaxllmLM(TemplateLM):
                 windows.append(Request(np.asarray(ctx + pred, np.int32), len(ctx) - 1))
                 owner.append(j)
         totals = [0.0] * len(requests)
-        for (logprob, _), j in zip(self._score(windows), owner, strict=True):
+        scores = self._score(windows, "loglikelihood_rolling windows", disable_tqdm)
+        for (logprob, _), j in zip(scores, owner, strict=True):
             totals[j] += logprob
         for req, total in zip(requests, totals, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
@@ -191,14 +201,16 @@ class JaxllmLM(TemplateLM):
         for i, req in enumerate(requests):
             groups[json.dumps(req.args[1], sort_keys=True, default=str)].append(i)
         out: list = [None] * len(requests)
-        for idx in groups.values():
-            texts = self._generate([requests[i].args[0] for i in idx], requests[idx[0]].args[1])
-            for i, text in zip(idx, texts, strict=True):
-                out[i] = text
-                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        with tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm) as bar:
+            for idx in groups.values():
+                texts = self._generate([requests[i].args[0] for i in idx],
+                                       requests[idx[0]].args[1], bar)
+                for i, text in zip(idx, texts, strict=True):
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out
 
-    def _generate(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
+    def _generate(self, contexts: list[str], gen_kwargs: dict, bar) -> list[str]:
         """Generate for contexts sharing one setting: batches of similar prompt lengths."""
         kw = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
         until, n_new = kw.pop("until"), kw.pop("max_gen_toks")
@@ -218,6 +230,7 @@ class JaxllmLM(TemplateLM):
             for i, row in zip(chunk, rows, strict=False):
                 text = self.run.tokenizer.decode(cut_at_eos(self.run.tokenizer, row))
                 out[i] = postprocess_generated_text(text, until, None)
+            bar.update(len(chunk))
         return out
 
     def _generate_batch(self, prompts: list[list[int]], n_new: int, kw: dict, seed: int):

@@ -14,7 +14,9 @@ Layout (Mosaic tiles are (8, 128) for 32-bit values; the lane dimension is 128 w
   tiled to the tile's width for its row dimension) and as rows [B, 8, T] (a row read for
   its column dimension), the layout and access splash attention uses; running row
   maxima and sums live lane-replicated in [block, 128] scratch, as in splash;
-- the logsumexp and delta = rowsum(o * do) travel as rows [B, H, 1, T].
+- the logsumexp and delta = rowsum(o * do) travel as rows [B, H, 1, T]; the forward
+  writes the logsumexp lane-replicated ([B, H, T, 128] float32, transient: sliced to
+  [B, H, T] at once), as splash attention does.
 Grids iterate the streamed tile axis last ("arbitrary") with float32 accumulators in
 VMEM scratch:
 - forward and dq: (batch, q head, q tile, kv tile);
@@ -25,7 +27,8 @@ Block sparsity: each grid's classes are scalar-prefetched into SMEM as one int32
 tile pair, `4 * fetch + class`: class 0 tiles run no code, class 2 tiles compute no mask,
 and `fetch` (the last live tile index, see `_plan`) is what the streamed operands' index
 maps load, so a skipped tile repeats the previous block index and Pallas issues no DMA.
-SMEM holds B * (T / block_q) * (S / block_k) int32 per kernel (per shard).
+SMEM holds B * (T / block_q) * (S / block_k) int32 per kernel (per shard; an error names
+the blocks when that exceeds half the SMEM of current TPUs).
 
 Shapes: lengths are padded to a block multiple (segment id 0, sliced off again); blocks
 are 128 * 2^k and are clamped to the padded length. Default tiles are 512 (not tuned on
@@ -46,6 +49,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxllm.kernels import placement, tiles
 
 LANES, SUBLANES = 128, 8
+SMEM_BUDGET = 512 * 1024  # of the 1 MiB SMEM per core of TPU v4, v5e, v5p and v6e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,11 @@ def _plan(cls):
     """[B, m, n] classes -> int32 4 * fetch + class, where fetch is the tile to load for each
     step of the streamed axis: itself when live, else the last live one before it (the
     first live one at the start of a row; 0 if none), so dead steps re-use loaded blocks."""
+    if cls.size * 4 > SMEM_BUDGET:
+        raise ValueError(f"flash attention (TPU): {cls.size * 4} bytes of tile metadata "
+                         f"({cls.shape[0]} rows x {cls.shape[1]} x {cls.shape[2]} tiles) exceed "
+                         f"the {SMEM_BUDGET} bytes kept for SMEM; use larger blocks or "
+                         "fewer rows per shard")
     n = cls.shape[2]
     idx = jnp.arange(n, dtype=jnp.int32)
     prev = lax.cummax(jnp.where(cls > 0, idx, -1), axis=2)
@@ -347,9 +356,10 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
         raise ValueError(f"flash attention (TPU): expected q [B,T,H,D], k/v [B,S,K,D] with "
                          f"H % K == 0; got q {q.shape}, k {k.shape}, v {v.shape}")
     blocks, tp, sp = _clamp_blocks(block_sizes or BlockSizes(), t, s)
+    interpret = placement.interpret_default(interpret)
+    placement.require_tpu_or_interpret(interpret, "flash (TPU)")
     cfg = _Cfg(scale=float(d ** -0.5 if scale is None else scale), causal=bool(causal),
-               alibi=alibi_slopes is not None, blocks=blocks,
-               interpret=placement.interpret_default(interpret))
+               alibi=alibi_slopes is not None, blocks=blocks, interpret=interpret)
     run = functools.partial(_padded, cfg=cfg, tp=tp, sp=sp)
     args = [q, k, v, q_seg, kv_seg, q_pos, kv_pos]
     if alibi_slopes is not None:

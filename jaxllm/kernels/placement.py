@@ -47,6 +47,14 @@ def interpret_default(interpret: bool | None) -> bool:
     return bool(forced) if platform else jax.default_backend() == "cpu"
 
 
+def require_tpu_or_interpret(interpret: bool, name: str) -> None:
+    """TPU (Mosaic) kernels compile only for a TPU; elsewhere they need the interpreter."""
+    platform = target_platform()
+    if not interpret and platform != "tpu":
+        raise ValueError(f"{name} attention is a TPU (Mosaic) kernel and the platform is "
+                         f"{platform}; use backend 'flash' or 'cudnn' there (or interpret=True)")
+
+
 def per_shard(run, args, shard_axes, name: str):
     """run(q, k, v, q_seg, kv_seg, q_pos, kv_pos[, slopes]) per shard of `shard_axes`.
 

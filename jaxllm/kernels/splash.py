@@ -65,10 +65,12 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
                          f" got q {q.shape}, k {k.shape}, v {v.shape}")
     if t != s:  # decoding over a cache: splash's causal mask is by index, not position
         return xla.attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, None, causal, scale)
+    interpret = placement.interpret_default(interpret)
+    placement.require_tpu_or_interpret(interpret, "splash")
     tp = tiles.round_up(t, LANES)
     run = functools.partial(_padded, scale=float(d ** -0.5 if scale is None else scale),
                             causal=bool(causal), tp=tp, block=block_size(tp, block),
-                            interpret=placement.interpret_default(interpret))
+                            interpret=interpret)
     return placement.per_shard(lambda q, k, v, seg, *_: run(q, k, v, seg), [q, k, v, q_seg, kv_seg],
                                shard_axes, "splash")
 

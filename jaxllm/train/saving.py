@@ -39,8 +39,10 @@ class Saver:
         if not self.healthy(step, state):
             return
         meta = {"config": self.cfg.to_json_best_effort(), **data_meta(self.cfg, samples)}
-        self.ckpt.save(step, state, data_iter, meta)
-        self.report()
+        try:
+            self.ckpt.save(step, state, data_iter, meta)
+        finally:  # also when an earlier async save failed: report the ones that finished
+            self.report()
 
     def report(self, wait: bool = False) -> None:
         """`checkpoint` events for the saves finished so far (all of them with `wait`)."""
