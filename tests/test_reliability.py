@@ -325,14 +325,14 @@ def tmpfs(tmp_path):
 
 def test_disk_full_during_a_save_is_one_error_and_the_run_resumes(tmpfs):
     wd = tmpfs / "run"
-    p = run_cli(wd, {"train.steps": 10, "checkpoint.every": 2, "checkpoint.keep": 5})
+    p = run_train(wd, {"train.steps": 10, "checkpoint.every": 2, "checkpoint.keep": 5})
     line = _one_error(p)
     assert "checkpoint could not be written" in line and "RESOURCE_EXHAUSTED" in line, line
     assert all(isinstance(r, dict) for r in rows(wd))
     done = {e["step"] for e in events(wd, "checkpoint")}
     assert done and done <= {int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit()}
     subprocess.run(["mount", "-o", "remount,size=20m", str(tmpfs)], check=True)  # space freed
-    p = run_cli(wd, {"train.steps": 10, "checkpoint.every": 2, "checkpoint.keep": 5})
+    p = run_train(wd, {"train.steps": 10, "checkpoint.every": 2, "checkpoint.keep": 5})
     assert p.returncode == 0, p.stderr[-3000:]
     assert events(wd, "restored")[-1]["step"] == max(done)
 
@@ -340,6 +340,6 @@ def test_disk_full_during_a_save_is_one_error_and_the_run_resumes(tmpfs):
 def test_data_in_a_read_only_directory_is_one_error(tmpfs, tmp_path):
     (tmpfs / "c.txt").write_text("".join(f"line {i}\n" for i in range(400)))
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
-    p = run_cli(tmp_path / "run", {"train.steps": 2, "data.path": str(tmpfs / "c.txt")})
+    p = run_train(tmp_path / "run", {"train.steps": 2, "data.path": str(tmpfs / "c.txt")})
     assert "cannot write the token cache" in _one_error(p)
     assert not (tmp_path / "run").exists()
