@@ -57,6 +57,9 @@ def _bad_commands(tmp, trained) -> list:
     (tmp / "bad_cfg" / "config.json").write_text("[1, 2]")
     (tmp / "noisy").mkdir()
     (tmp / "noisy" / "config.json").write_text("{}")
+    (tmp / "learned").mkdir()
+    (tmp / "learned" / "config.json").write_text(json.dumps(
+        {"model": {"pos_encoding": "learned", "max_position": 0}, "data": {"seq_len": 32}}))
     train = "-m jaxllm.train"
     return [
         (train, ["--workdir="], "empty path (--workdir)"),
@@ -73,6 +76,8 @@ def _bad_commands(tmp, trained) -> list:
         ("-m jaxllm.cli.eval", [f"--workdir={trained}", "--batch_size=x"], "--batch_size"),
         ("-m jaxllm.cli.sample", [f"--workdir={tmp / 'noisy'}", "--max_tokens=1000000000000"],
          "too many tokens (--max_tokens=1000000000000, --num=1): the KV cache"),
+        ("-m jaxllm.cli.sample", [f"--workdir={tmp / 'learned'}", "--max_tokens=40"],
+         "too many tokens (--max_tokens=40): the learned position table has 32 positions"),
         ("-m jaxllm.cli.sample", [f"--workdir={trained}", "--temperature=nan"],
          "non-finite number (--temperature=nan)"),
         ("plot_runs.py", [], "the following arguments are required"),
@@ -176,7 +181,12 @@ def test_second_run_on_a_workdir_is_refused(tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_step(first, wd, 2)
-        time.sleep(1.0)  # let the step-2 checkpoint finish
+        deadline = time.time() + 120  # let the step-2 checkpoint finish (async)
+        while not (wd / "checkpoints" / "2").is_dir() or any(
+                "tmp" in d for d in os.listdir(wd / "checkpoints")):
+            assert time.time() < deadline, os.listdir(wd / "checkpoints")
+            time.sleep(0.2)
+        time.sleep(0.5)
         before = _snapshot(wd)
         second = run_train(wd, {"train.steps": 6, "checkpoint.every": 2})
         line = _one_error(second)
@@ -337,9 +347,11 @@ def test_disk_full_during_a_save_is_one_error_and_the_run_resumes(tmpfs):
     assert events(wd, "restored")[-1]["step"] == max(done)
 
 
-def test_data_in_a_read_only_directory_is_one_error(tmpfs, tmp_path):
+def test_read_only_file_system_is_one_error(tmpfs, tmp_path):
     (tmpfs / "c.txt").write_text("".join(f"line {i}\n" for i in range(400)))
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     p = run_train(tmp_path / "run", {"train.steps": 2, "data.path": str(tmpfs / "c.txt")})
     assert "cannot write the token cache" in _one_error(p)
     assert not (tmp_path / "run").exists()
+    p = run_train(tmpfs / "run", {"train.steps": 2})  # a workdir on a read-only file system
+    assert "read-only file system" in _one_error(p)

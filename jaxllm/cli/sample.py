@@ -58,11 +58,21 @@ def check_size(cfg, prompt_bytes: int, max_tokens: int, num: int) -> None:
     kv = m.n_kv_heads or m.n_heads
     itemsize = 4 if m.dtype == "float32" else 2
     cache = 2 * m.n_layers * num * total * kv * (m.d_model // m.n_heads) * itemsize
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory, where = _memory()
     if cache > memory:
         fail(f"too many tokens (--max_tokens={max_tokens}, --num={num}): the KV cache would "
-             f"take {cache / 2**30:,.1f} GiB, more than this host's {memory / 2**30:,.1f} GiB; "
+             f"take {cache / 2**30:,.1f} GiB, more than the {memory / 2**30:,.1f} GiB of {where}; "
              "ask for fewer")
+
+
+def _memory() -> tuple[int, str]:
+    """Bytes the KV cache can at most use: the accelerator's memory, else the host's RAM."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), jax.devices()[0].device_kind
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this host"
 
 
 def main(argv=None) -> None:

@@ -32,6 +32,7 @@ from jaxllm.hf.mapping import blocks_of, family, to_hf
 from jaxllm.hf.reverse import from_hf
 from jaxllm.model.layers import DTYPES
 from jaxllm.state import abstract_state, fresh_state
+from jaxllm.workdir_lock import acquire_for_run
 
 BYTE_SPECIALS = {"<pad>": 256, "<s>": 257, "</s>": 258}  # jaxllm ByteTokenizer ids
 
@@ -226,14 +227,21 @@ def import_hf(hf_dir, workdir, cfg, tokenizer=None) -> dict:
     with parallel.activate(cfg, mesh):
         state = jax.jit(lambda p: fresh_state(cfg, tx, p), out_shardings=shardings)(params)
         train_it = make_pipeline(cfg, tok, "train", jax.process_index(), jax.process_count())
-        wd.mkdir(parents=True, exist_ok=True)
-        ckpt = Checkpointer(str((wd / "checkpoints").resolve()), cfg)
-        ckpt.save(0, state, train_it, {"config": cfg.to_json_best_effort(),
-                                       **data_meta(cfg, 0)})
-        ckpt.close()
-    if jax.process_index() == 0:
-        (wd / "config.json").write_text(cfg.to_json_best_effort(indent=2))
-        (wd / "config.py").write_text(CONFIG_PY.format(path=wd / "config.py", workdir=wd))
+        # one writer per workdir: refused (exit 2) while a run or another import holds it
+        lock = acquire_for_run(str(wd.resolve()), jax.process_index() == 0,
+                               jax.process_count())
+        try:
+            ckpt = Checkpointer(str((wd / "checkpoints").resolve()), cfg)
+            ckpt.save(0, state, train_it, {"config": cfg.to_json_best_effort(),
+                                           **data_meta(cfg, 0)})
+            ckpt.close()
+            if jax.process_index() == 0:
+                (wd / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+                (wd / "config.py").write_text(CONFIG_PY.format(path=wd / "config.py",
+                                                               workdir=wd))
+        finally:
+            if lock is not None:
+                lock.release()
     return {"family": family(cfg.model), "layers": cfg.model.n_layers,
             "vocab_size": cfg.model.vocab_size, "tokenizer": cfg.data.tokenizer,
             "workdir": str(wd)}
