@@ -39,11 +39,12 @@ def workdir_path(workdir) -> epath.Path:
 
 
 def saved_config(workdir) -> dict | None:
-    """The raw `DIR/config.json` of a run, or None when it has none yet."""
-    try:
-        return read_config_json(workdir_path(workdir) / "config.json")
-    except FileNotFoundError:
+    """The raw `DIR/config.json` of a run, or None when it has none yet (also when DIR is
+    no directory: whoever creates the workdir reports that)."""
+    path = workdir_path(workdir) / "config.json"
+    if not path.exists():
         return None
+    return read_config_json(path)
 
 
 def merge_saved(node: ConfigDict, saved: dict, prefix: str = "") -> None:
