@@ -127,7 +127,7 @@ class SentencePieceTokenizer(_TableTokenizer):
         return self.sp.decode(ids)
 
 
-def _bytes_to_unicode() -> dict[str, int]:
+def bytes_to_unicode() -> dict[str, int]:
     """GPT-2's reversible byte <-> printable-character map (char -> byte)."""
     bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
           + list(range(ord("®"), ord("ÿ") + 1)))
@@ -175,7 +175,7 @@ class ByteLevelBPETokenizer(_TableTokenizer):
                 f"data.tokenizer: {path} is not a byte-level BPE (needs ByteLevel pre-tokenizer "
                 "and decoder and no normalizer); train one with tools/train_tokenizer.py")
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        byte_of = _bytes_to_unicode()
+        byte_of = bytes_to_unicode()
         table = np.zeros(self.vocab_size, np.int32)
         for token, i in self.tok.get_vocab(with_added_tokens=True).items():
             table[i] = len(token) if all(c in byte_of for c in token) else len(token.encode())

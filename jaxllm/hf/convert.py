@@ -25,7 +25,7 @@ from jaxllm.config import ConfigError, validate
 from jaxllm.data.pipeline import make_pipeline
 from jaxllm.data.resolve import resolve
 from jaxllm.data.tokenizers import (
-    _bytes_to_unicode,  # GPT-2's {char: byte} map
+    bytes_to_unicode,  # GPT-2's {char: byte} map
     load_tokenizer,
 )
 from jaxllm.hf.mapping import blocks_of, family, to_hf
@@ -52,7 +52,7 @@ def byte_tokenizer_json() -> str:
     byte b -> id b (GPT-2's printable byte alphabet), then <pad> 256, <s> 257, </s> 258."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    byte_of = _bytes_to_unicode()
+    byte_of = bytes_to_unicode()
     assert sorted(pre_tokenizers.ByteLevel.alphabet()) == sorted(byte_of)
     tok = Tokenizer(models.BPE(vocab=dict(byte_of), merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
