@@ -1,8 +1,10 @@
 """jaxllm: a JAX/Flax NNX pre-training stack for decoder-only language models.
 
-Layers, lowest first. A module imports only from lower layers and from its own package;
-packages on one line are siblings and never import each other (tests/test_layers.py
-parses every import, function-local ones included):
+Layers, lowest first. A module imports only from lower layers and from its own package
+(or group, GROUPS below); packages on one line are siblings and never import each other
+(tests/test_layers.py parses every import, function-local ones included). `config` reads
+the choice registries of layers 1-2 by name when it validates (`config.SCHEMA`), the one
+dependency that points up, at run time only:
 
     6  cli, tools/, python -m mains   entry points: flags, `error: ...` + exit 2
     5  experiments | benchmark,        workflows over the layers below
