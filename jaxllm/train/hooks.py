@@ -2,9 +2,9 @@
 
 The loop (`train/loop.py`) runs the step and then calls every hook's `on_step(loop, step,
 state)` in order; a hook returning True stops the loop (preemption). After the loop each
-hook's `on_end(loop, step, state)` runs (final log flush, final checkpoint, final eval,
-the end-of-training sample). Adding a periodic action is one class here and one entry in
-`loop.default_hooks`. Cadences are functions of the step number only, so a resumed run
+hook's `on_end(loop, step, state)` runs, by `end_rank` (final log flush, final checkpoint,
+the preemption report, final eval, the end-of-training sample). Adding a periodic action
+is one class here and one entry in `loop.default_hooks`. Cadences are functions of the step number only, so a resumed run
 calls the hooks at the same steps as an uninterrupted one.
 
 `loop` is the loop's shared context (`loop.Loop`): config, mesh, metrics writer, progress
@@ -27,6 +27,8 @@ from jaxllm.train.guard import GUARD_KEYS, SkipTracker
 
 
 class Hook:
+    end_rank = 0  # on_end runs by rank, then in list order (the final save comes first)
+
     def on_step(self, loop, step: int, state) -> bool | None:
         """After step `step` (1-based, as in metrics.jsonl); True stops the loop."""
 
@@ -130,6 +132,8 @@ class Checkpoint(Hook):
     """A checkpoint every `checkpoint.every` steps and at the end (if any step ran), through
     `loop.saver` (`saving.Saver`: healthy states only, events for finished saves)."""
 
+    end_rank = -2  # the final save starts before the final eval and sample (async)
+
     def __init__(self, cfg, step0: int):
         self.cfg, self.step0 = cfg, step0
 
@@ -146,6 +150,8 @@ class Checkpoint(Hook):
 class Preempt(Hook):
     """Stop after the step a SIGTERM/SIGINT arrived (agreed across processes); the
     checkpoint hook then saves and the loop reports `preempted` with the exit status."""
+
+    end_rank = -1
 
     def __init__(self, stop):
         self.stop = stop

@@ -178,7 +178,7 @@ def _run(cfg, wd, tokenizer, mesh, tx, ckpt, stop, nan_steps) -> dict:
         loop.writer.close()
         raise
     loop.bar.close()
-    for h in actions[1:]:
+    for h in sorted(actions[1:], key=lambda h: h.end_rank):
         h.on_end(loop, step, state)
     loop.saver.report(wait=True)  # `checkpoint` events of the saves still in flight
     loop.writer.close()
