@@ -22,6 +22,7 @@ from jaxllm.eval.restore import Run, load_run_config
 from jaxllm.eval.sample import generate
 from jaxllm.eval.scoring import Scorer
 from jaxllm.train.loop import resolve
+from jaxllm.train.resume import check_compatible
 from jaxllm.train.state import ModelDef, abstract_model
 from jaxllm.train.step import forward_sums
 
@@ -115,6 +116,10 @@ def test_runs_recorded_before_the_mask_keep_none(tmp_path):
     del saved["model"]["vocab_used"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert load_run_config(str(tmp_path)).model.vocab_used == 384  # = vocab_size: no mask
+    resumed = model_cfg()
+    resolve(resumed)
+    check_compatible(resumed, str(tmp_path))  # training resumes it without the mask too
+    assert resumed.model.vocab_used == 384
     saved["model"]["vocab_used"] = REAL
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert load_run_config(str(tmp_path)).model.vocab_used == REAL

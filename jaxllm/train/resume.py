@@ -23,7 +23,7 @@ import jax
 from etils import epath
 
 from jaxllm import parallel
-from jaxllm.config import SHAPE_KEYS, ConfigError
+from jaxllm.config import SHAPE_KEYS, ConfigError, keep_saved_behaviour
 from jaxllm.runfiles import read_config_json
 from jaxllm.train.state import abstract_state, init_state
 
@@ -35,11 +35,14 @@ LAYOUT_KEYS = ("data.seq_len", "data.packing", "data.path", "data.mixture")
 
 
 def check_compatible(cfg, workdir) -> None:
-    """Refuse to resume a workdir whose saved config has other parameter shapes."""
+    """Refuse to resume a workdir whose saved config has other parameter shapes; keys the
+    saved config predates keep the behaviour the run started with
+    (`config.keep_saved_behaviour`: no padding mask without `model.vocab_used`)."""
     path = epath.Path(workdir) / "config.json"
     if not path.exists():
         return
     saved = read_config_json(str(path))
+    keep_saved_behaviour(cfg, saved)
     bad = []
     for key in RESUME_KEYS + OPT_STATE_KEYS.get(cfg.optim.name, ()):
         sec, name = key.split(".")
