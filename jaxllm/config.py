@@ -55,6 +55,7 @@ def defaults() -> ConfigDict:
     m.n_kv_heads = 0  # key/value heads for grouped-query attention; 0 = n_heads
     m.d_ff = 0  # MLP width; 0 = 4*d_model, or 2/3 of that rounded up to 64 for gated
     m.vocab_size = 0  # 0 = the tokenizer's size rounded up to a multiple of 128
+    m.vocab_used = 0  # real ids; ids from here to vocab_size get -inf logits; 0 = tokenizer size
     m.pos_encoding = "rope"  # rope | alibi | learned | none
     m.rope_base = 10000.0  # RoPE theta base (half-split layout, GPT-NeoX style)
     m.max_position = 0  # learned position table size; 0 = data.seq_len
@@ -63,6 +64,7 @@ def defaults() -> ConfigDict:
     m.norm = "layernorm"  # layernorm | rmsnorm
     m.norm_eps = 1e-5  # epsilon of every norm
     m.use_bias = True  # biases in linear layers and LayerNorm
+    m.qkv_bias = False  # biases on the q/k/v projections only (Qwen2); implied by use_bias
     m.tie_embeddings = True  # output projection shares the token embedding
     m.init_std = 0.02  # std of weight init (residual projections scaled by 1/sqrt(2L))
     m.dtype = "bfloat16"  # compute dtype: float32 | bfloat16 | float16
@@ -205,7 +207,8 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     m, _o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
     for key in ("model.d_model", "model.n_layers", "model.n_heads"):
         _typed(cfg, key, int, lo=1)
-    for key in ("model.n_kv_heads", "model.d_ff", "model.vocab_size", "model.max_position"):
+    for key in ("model.n_kv_heads", "model.d_ff", "model.vocab_size", "model.vocab_used",
+                "model.max_position"):
         _typed(cfg, key, int, lo=0)
     _choice(cfg, "model.pos_encoding", POS_ENCODINGS)
     _choice(cfg, "model.activation", ACTIVATIONS)
@@ -217,8 +220,11 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _typed(cfg, "model.rope_base", float, lo=1.0)
     _typed(cfg, "model.norm_eps", float, lo=0.0)
     _typed(cfg, "model.init_std", float, lo=0.0)
-    for key in ("model.use_bias", "model.tie_embeddings", "model.scan_layers"):
+    for key in ("model.use_bias", "model.qkv_bias", "model.tie_embeddings",
+                "model.scan_layers"):
         _typed(cfg, key, bool)
+    _check(not (m.vocab_size and m.vocab_used > m.vocab_size), "model.vocab_used",
+           f"must be <= model.vocab_size ({m.vocab_used} > {m.vocab_size})")
     _check(m.d_model % m.n_heads == 0, "model.d_model",
            f"must be divisible by model.n_heads ({m.d_model} % {m.n_heads} != 0)")
     kv = m.n_kv_heads or m.n_heads
@@ -314,6 +320,15 @@ def resolved_d_ff(m: ConfigDict) -> int:
     return 4 * m.d_model
 
 
+def keep_saved_behaviour(cfg: ConfigDict, saved: dict) -> ConfigDict:
+    """`cfg` loaded from a run's config.json (`saved`): keys that config.json predates
+    keep the behaviour the run was trained with, not today's default. A run without
+    `model.vocab_used` trained with no padding mask, so it keeps none."""
+    if "vocab_used" not in saved.get("model", {}):
+        cfg.model.vocab_used = cfg.model.vocab_size
+    return cfg
+
+
 def padded_vocab(size: int, multiple: int = 128) -> int:
     return -(-size // multiple) * multiple
 
@@ -345,6 +360,6 @@ def reference_markdown() -> str:
 SHAPE_KEYS = (
     "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
     "model.vocab_size", "model.pos_encoding", "model.max_position", "model.activation",
-    "model.norm", "model.use_bias", "model.tie_embeddings", "model.param_dtype",
-    "model.scan_layers", "optim.name", "data.tokenizer",
+    "model.norm", "model.use_bias", "model.qkv_bias", "model.tie_embeddings",
+    "model.param_dtype", "model.scan_layers", "optim.name", "data.tokenizer",
 )

@@ -15,7 +15,7 @@ import os
 
 from ml_collections import ConfigDict
 
-from jaxllm.config import ConfigError, defaults, validate
+from jaxllm.config import ConfigError, defaults, keep_saved_behaviour, validate
 from jaxllm.runfiles import read_config_json
 
 log = logging.getLogger("jaxllm")
@@ -62,7 +62,7 @@ def load_run_config(workdir: str) -> ConfigDict:
         _merge(cfg, saved)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"--workdir: {path} does not match the config schema ({e})") from None
-    return cfg
+    return keep_saved_behaviour(cfg, saved)
 
 
 def load_run(workdir: str, *, step: int | None = None, tokenizer: str | None = None,

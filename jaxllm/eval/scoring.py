@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxllm import parallel
 from jaxllm.config import ConfigError
+from jaxllm.model.transformer import mask_padding
 from jaxllm.train.step import forward_sums, token_nll
 
 
@@ -169,10 +170,7 @@ def _greedy_hits(model, h, targets, vocab_limit: int, chunk: int):
 
     def one(xs):
         hc, tc = xs
-        logits = model.logits(hc)
-        ids = jnp.arange(logits.shape[-1])
-        logits = jnp.where(ids < vocab_limit, logits, -jnp.inf)
-        return jnp.argmax(logits, axis=-1) == tc
+        return jnp.argmax(mask_padding(model.logits(hc), vocab_limit), axis=-1) == tc
 
     hs = h.reshape(b, t // chunk, chunk, d).swapaxes(0, 1)
     ts = targets.reshape(b, t // chunk, chunk).swapaxes(0, 1)
