@@ -33,7 +33,7 @@ def eval_documents(cfg, tokenizer, split: str = "eval", max_bytes: int = 0) -> l
     (`data.path`, else each `data.mixture` member, else the embedded corpus), in a fixed
     order; with `max_bytes`, only the first whole documents holding at least that many bytes
     (the cut is by bytes, so runs with different tokenizers see the same text)."""
-    from jaxllm.data.pipeline import load_split, parse_mixture
+    from jaxllm.data.pipeline import load_split, parse_mixture, whole_if_token_split
 
     if split not in SPLITS:
         raise ConfigError(f"--split: got {split!r}; allowed: {', '.join(SPLITS)}")
@@ -46,8 +46,9 @@ def eval_documents(cfg, tokenizer, split: str = "eval", max_bytes: int = 0) -> l
     docs, total = [], 0
     try:
         for path, key in sources:
-            for part in parts:
-                s = load_split(cfg, tokenizer, part, path, key)
+            whole = whole_if_token_split(cfg, tokenizer, path, key) if split == "all" else None
+            for s in [whole] if whole is not None else (
+                    load_split(cfg, tokenizer, part, path, key) for part in parts):
                 for j in range(len(s)):
                     if max_bytes and total >= max_bytes:
                         return docs
