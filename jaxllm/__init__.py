@@ -7,7 +7,8 @@ the choice registries of layers 1-2 by name when it validates (`config.SCHEMA`),
 dependency that points up, at run time only:
 
     6  cli, tools/, python -m mains   entry points: flags, `error: ...` + exit 2
-    5  experiments | benchmark,        workflows over the layers below
+    5  experiments, budget,            workflows over the layers below: ablation grids,
+       ablation_report | benchmark,    throughput, memory
        bench_report | sizing
     4  train | eval | hf               the training loop; evaluation; HF export/import
     3  checkpoint, state, run,         Orbax checkpoints, the train state's layout,
@@ -18,7 +19,8 @@ dependency that points up, at run time only:
                                        config resolution against the tokenizer
     1  kernels | optim | parallel      attention backends (no Flax), optax transforms,
        | isolate                       meshes and logical-axis rules, one-row subprocesses
-    0  config                          keys, defaults, validation (imports no jaxllm module)
+    0  config | stats                  keys, defaults, validation (imports no jaxllm module);
+                                       statistics of seeds (numpy only)
 """
 
 __version__ = "0.1.0"
@@ -28,8 +30,11 @@ __version__ = "0.1.0"
 LAYERS = {"config": 0, "kernels": 1, "optim": 1, "parallel": 1, "model": 2, "data": 2,
           "checkpoint": 3, "state": 3, "run": 3, "runfiles": 3, "workdir_lock": 3,
           "train": 4, "eval": 4, "hf": 4,
-          "experiments": 5, "benchmark": 5, "bench_report": 5, "sizing": 5, "isolate": 1,
+          "experiments": 5, "benchmark": 5, "bench_report": 5, "sizing": 5, "budget": 5,
+          "ablation_report": 5, "stats": 0, "isolate": 1,
           "cli": 6, "tools": 6}
-GROUPS = {"benchmark": "benchmark", "bench_report": "benchmark", "checkpoint": "run",
+GROUPS = {"experiments": "experiments", "budget": "experiments",
+          "ablation_report": "experiments", "benchmark": "benchmark",
+          "bench_report": "benchmark", "checkpoint": "run",
           "state": "run", "run": "run", "runfiles": "run", "workdir_lock": "run",
           "cli": "entry", "tools": "entry"}

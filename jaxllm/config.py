@@ -68,6 +68,8 @@ SCHEMA = {
         "n_kv_heads": Key(0, "key/value heads for grouped-query attention; 0 = n_heads", lo=0),
         "d_ff": Key(0, "MLP width; 0 = 4*d_model, or 2/3 of that rounded up to 64 for gated", lo=0),
         "vocab_size": Key(0, "0 = the tokenizer's size rounded up to a multiple of 128", lo=0),
+        "vocab_used": Key(0, "real ids; ids from here to vocab_size get -inf logits; 0 = "
+                          "tokenizer size", lo=0),
         "pos_encoding": Key("rope", "{choices}", choices="jaxllm.model.positions:POS_ENCODINGS"),
         "rope_base": Key(10000.0, "RoPE theta base (half-split layout, GPT-NeoX style)", lo=1.0),
         "max_position": Key(0, "learned position table size; 0 = data.seq_len", lo=0),
@@ -76,6 +78,8 @@ SCHEMA = {
         "norm": Key("layernorm", "{choices}", choices="jaxllm.model.layers:NORMS"),
         "norm_eps": Key(1e-5, "epsilon of every norm", lo=0.0),
         "use_bias": Key(True, "biases in linear layers and LayerNorm"),
+        "qkv_bias": Key(False, "biases on the q/k/v projections only (Qwen2); implied by "
+                        "use_bias"),
         "tie_embeddings": Key(True, "output projection shares the token embedding"),
         "init_std": Key(0.02, "std of weight init (residual projections scaled by 1/sqrt(2L))",
                         lo=0.0),
@@ -303,6 +307,8 @@ def _cross_field(cfg: ConfigDict) -> None:
     """Rules between keys (the only place for them; rules that need the device count are
     `parallel.check_mesh`'s)."""
     m, t, d, mesh, dist = cfg.model, cfg.train, cfg.data, cfg.mesh, cfg.dist
+    _check(not (m.vocab_size and m.vocab_used > m.vocab_size), "model.vocab_used",
+           f"must be <= model.vocab_size ({m.vocab_used} > {m.vocab_size})")
     _check(m.d_model % m.n_heads == 0, "model.d_model",
            f"must be divisible by model.n_heads ({m.d_model} % {m.n_heads} != 0)")
     kv = m.n_kv_heads or m.n_heads
@@ -334,6 +340,15 @@ def _cross_field(cfg: ConfigDict) -> None:
                "true needs the wandb package (pip install wandb); or set log.wandb=false")
 
 
+def keep_saved_behaviour(cfg: ConfigDict, saved: dict) -> ConfigDict:
+    """`cfg` loaded from a run's config.json (`saved`): keys that config.json predates
+    keep the behaviour the run was trained with, not today's default. A run without
+    `model.vocab_used` trained with no padding mask, so it keeps none."""
+    if "vocab_used" not in saved.get("model", {}):
+        cfg.model.vocab_used = cfg.model.vocab_size
+    return cfg
+
+
 def padded_vocab(size: int, multiple: int = 128) -> int:
     return -(-size // multiple) * multiple
 
@@ -357,6 +372,6 @@ def reference_markdown() -> str:
 SHAPE_KEYS = (
     "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
     "model.vocab_size", "model.pos_encoding", "model.max_position", "model.activation",
-    "model.norm", "model.use_bias", "model.tie_embeddings", "model.param_dtype",
-    "model.scan_layers", "optim.name", "data.tokenizer",
+    "model.norm", "model.use_bias", "model.qkv_bias", "model.tie_embeddings",
+    "model.param_dtype", "model.scan_layers", "optim.name", "data.tokenizer",
 )

@@ -14,17 +14,25 @@ sentencepiece_unigram, byte_bpe) are trained once on the first `eval.tokenizer_b
 (default 4 MB) of the base data's text (`data.path`, or the embedded corpus; this text is
 not split, so it can include held-out documents) and stored under ROOT/tokenizers/.
 
-Each cell trains in ROOT/<cell> (jaxllm.train.loop.train, in this process) and is then
-evaluated with jaxllm.eval (tokenizer-independent bits per byte on the held-out split and
-downstream accuracy); its row goes to ROOT/<cell>/ablation.json. A cell whose final
-checkpoint, final eval row and ablation.json exist is not rerun, so an interrupted grid
-resumes where it stopped. Results: ROOT/results.{md,csv,json} and ROOT/ablation.png.
+Each cell is trained `seeds` times (train.seed + 0, 1, ...: initialisation and data
+order) at every learning-rate multiplier of `lr_sweep` (x the cell's peak lr), each run in
+its own workdir ROOT/<cell>[__lr<m>][__seed<k>] (jaxllm.train.loop.train, in this
+process), then evaluated with jaxllm.eval: bits per byte on the held-out (test) split and
+downstream accuracy with per-item scores, and, when sweeping, bits per byte on the
+validation split (`data.valid_fraction`, set to `data.eval_fraction` when the grid leaves
+it 0), the only number the learning rate is chosen on. With a `budget` (jaxllm.budget)
+each cell's steps and warmup are derived from it. A run's row goes to its
+ROOT/<run>/ablation.json with a fingerprint of its config; a run whose final checkpoint,
+final eval row and ablation.json (same fingerprint) exist is not rerun, so an interrupted
+grid resumes, and a grid rerun with more seeds or a wider sweep only trains the new runs.
+The tables, results.json and plots are written by jaxllm.ablation_report.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
+import dataclasses
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -34,17 +42,10 @@ import os
 from ml_collections import ConfigDict
 
 from jaxllm.config import ConfigError, set_key, unknown_key, validate
-from jaxllm.data.corpus import expand_inputs
-from jaxllm.data.tokenizer_training import train_tokenizer
-from jaxllm.eval import report
-from jaxllm.eval.evaluate import LM_EVAL_COLUMNS, evaluate
-from jaxllm.eval.report import markdown_table, read_metrics, summarize
-from jaxllm.train.loop import train
+from jaxllm.eval.evaluate import LM_EVAL_COLUMNS
 
 log = logging.getLogger("jaxllm")
 
-COLUMNS = ["cell", "bpb", "train_eval_bpb", "final_loss", "tokens_per_s", "params", "step",
-           "tokens"]
 
 
 def load_grid(spec: str) -> dict:
@@ -115,6 +116,8 @@ def cell_config(base: ConfigDict, overrides: dict, tokenizers: dict) -> ConfigDi
 
 def prepare_tokenizers(grid: dict, root: str) -> dict:
     """Train every `train:KIND:VOCAB` tokenizer of the grid once (kept under ROOT)."""
+    from jaxllm.data.corpus import expand_inputs
+    from jaxllm.data.tokenizer_training import train_tokenizer
 
     specs = {v for vals in grid["axes"].values() for ov in vals.values()
              for k, v in ov.items() if k == "data.tokenizer" and str(v).startswith("train:")}
@@ -138,6 +141,7 @@ def prepare_tokenizers(grid: dict, root: str) -> dict:
 
 
 def _trained(workdir: str, steps: int) -> bool:
+    from jaxllm.eval.report import read_metrics
     if not os.path.isdir(os.path.join(workdir, "checkpoints", str(steps))):
         return False
     try:
@@ -146,81 +150,141 @@ def _trained(workdir: str, steps: int) -> bool:
         return False
 
 
-def run_cell(name: str, labels: dict, cfg: ConfigDict, workdir: str, ev: dict) -> dict:
-    """Train (unless finished) and evaluate (unless done) one cell; returns its row."""
+@dataclasses.dataclass
+class Run:
+    """One training run of a grid: a cell at one seed and one lr multiplier."""
 
-    result_path = os.path.join(workdir, "ablation.json")
-    steps = cfg.train.steps
-    if _trained(workdir, steps) and os.path.exists(result_path):
-        try:
-            with open(result_path) as f:
-                cached = json.load(f)
-        except ValueError:
-            cached = None
-        if isinstance(cached, dict):
-            return {**cached, "status": "cached"}
-        log.warning("%s is unreadable; evaluating the cell again", result_path)
+    name: str  # workdir under ROOT
+    cell: str
+    labels: dict
+    seed: int  # index 0..N-1 (train.seed = base seed + index)
+    lr_mult: float
+    cfg: ConfigDict
+    derived: dict  # steps, warmup, budget, bytes/FLOPs per token
+
+
+def fingerprint(cfg: ConfigDict) -> str:
+    return hashlib.sha256(cfg.to_json(sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_name(cell: str, seed: int, lr_mult: float) -> str:
+    return cell + ("" if lr_mult == 1 else f"__lr{lr_mult:g}") + (f"__seed{seed}" if seed else "")
+
+
+def plan_runs(grid: dict, tokenizers: dict, seeds: int = 1, lr_sweep=(1.0,),
+              budget: tuple[str, float] | None = None) -> list[Run]:
+    """Every run of the grid, cell by cell (budget derivations made once per cell)."""
+    from jaxllm.budget import apply_budget, per_token, tokens_per_step
+    from jaxllm.optim import resolved_hparams
+
+    out, bpt = [], {}
+    for name, labels, ov in cells(grid):
+        cell = cell_config(grid["base"], ov, tokenizers)
+        d = cell.data
+        text = (d.tokenizer, d.path, d.mixture, d.eval_fraction, d.valid_fraction)
+        if text not in bpt:  # tokenizing the sample once per tokenizer and data
+            bpt[text] = per_token(cell, "bytes")
+        units = {"bytes": bpt[text], "flops": per_token(cell, "flops")}
+        derived = {"bytes_per_token": units["bytes"], "flops_per_token": units["flops"]}
+        if budget:
+            unit = 1.0 if budget[0] == "tokens" else units[budget[0]]
+            derived.update(apply_budget(cell, *budget, unit=unit))
+        derived.update(steps=cell.train.steps, warmup_steps=cell.optim.warmup_steps,
+                       tokens_per_step=tokens_per_step(cell))
+        peak = resolved_hparams(cell)["lr"]
+        for mult in lr_sweep:
+            for k in range(seeds):
+                cfg = copy.deepcopy(cell)
+                cfg.train.seed = cell.train.seed + k
+                cfg.optim.lr = peak * mult
+                out.append(Run(run_name(name, k, mult), name, labels, k, mult, validate(cfg),
+                               {**derived, "lr": peak * mult}))
+    return out
+
+
+def _cached(workdir: str, run: Run) -> dict | None:
+    path = os.path.join(workdir, "ablation.json")
+    if not (_trained(workdir, run.cfg.train.steps) and os.path.exists(path)):
+        return None
+    try:
+        with open(path) as f:
+            row = json.load(f)
+    except ValueError:
+        row = None
+    if not isinstance(row, dict):
+        log.warning("%s is unreadable; evaluating the run again", path)
+        return None
+    if row.get("fingerprint") != fingerprint(run.cfg):
+        raise ConfigError(f"{workdir}: finished with a different config than this grid's run "
+                          f"{run.name}; use another --root (or delete that directory)")
+    return {**row, "status": "cached"}
+
+
+def run_cell(run: Run, workdir: str, ev: dict, sweep: bool = False) -> dict:
+    """Train (unless finished) and evaluate (unless done) one run; returns its row."""
+    from jaxllm.eval.evaluate import evaluate
+    from jaxllm.eval.report import summarize
+    from jaxllm.run import load_run
+    from jaxllm.train.loop import train
+
+    cached = _cached(workdir, run)
+    if cached is not None:
+        return cached
     status = "evaluated"
-    if not _trained(workdir, steps):
-        out = train(cfg, workdir)
+    if not _trained(workdir, run.cfg.train.steps):
+        out = train(copy.deepcopy(run.cfg), workdir)
         if out.get("preempted"):
-            raise InterruptedError(f"{name}: stopped at step {out['step']} (SIGTERM); "
+            raise InterruptedError(f"{run.name}: stopped at step {out['step']} (SIGTERM); "
                                    "run the grid again to resume")
         status = "trained"
-    r = evaluate(workdir, max_bytes=ev.get("max_bytes", 0), tasks=ev.get("tasks", ""),
-                 batch_size=ev.get("batch_size", 8), lm_eval_tasks=ev.get("lm_eval_tasks", ""),
+    loaded = load_run(workdir)
+    kw = {"max_bytes": ev.get("max_bytes", 0), "batch_size": ev.get("batch_size", 8),
+          "run": loaded}
+    r = evaluate(workdir, tasks=ev.get("tasks", ""), lm_eval_tasks=ev.get("lm_eval_tasks", ""),
                  lm_eval_include=ev.get("lm_eval_include", ""),
-                 lm_eval_limit=ev.get("lm_eval_limit", 0))
-    s = summarize(workdir, name)
-    row = {"cell": name, **labels, "bpb": r["bpb"], "eval_loss": r["loss"],
-           "eval_bytes": r["bytes"], "train_eval_bpb": s["final_bpb"],
-           "final_loss": s["final_loss"], "tokens_per_s": s["tokens_per_s"],
-           "params": s["params"], "step": s["step"], "tokens": s["tokens"]}
+                 lm_eval_limit=ev.get("lm_eval_limit", 0), **kw)
+    valid = evaluate(workdir, split="valid", **kw)["bpb"] if sweep else None
+    s = summarize(workdir, run.name)
+    row = {"run": run.name, "cell": run.cell, **run.labels, "seed": run.seed,
+           "train_seed": run.cfg.train.seed, "lr_mult": run.lr_mult, **run.derived,
+           "bpb": r["bpb"], "valid_bpb": valid, "eval_loss": r["loss"], "eval_bytes": r["bytes"],
+           "train_eval_bpb": s["final_bpb"], "final_loss": s["final_loss"],
+           "tokens_per_s": s["tokens_per_s"], "params": s["params"], "step": s["step"],
+           "tokens": s["tokens"], "fingerprint": fingerprint(run.cfg), "tasks": {}}
     for t in r["tasks"]:
-        row[f"{t['task']}_acc"] = t["acc"]
-        if "acc_norm" in t:
-            row[f"{t['task']}_acc_norm"] = t["acc_norm"]
-    for t in r.get("lm_eval", []):
-        row.update({f"{t['task']}_{m}": t[m] for m in LM_EVAL_COLUMNS if m in t})
-    with open(result_path, "w") as f:
+        row["tasks"][t["task"]] = {k: t[k] for k in ("acc", "acc_norm", "item_acc") if k in t}
+    for t in r.get("lm_eval", []):  # lm-eval keeps no per-item scores here
+        row["tasks"][t["task"]] = {m: t[m] for m in LM_EVAL_COLUMNS if m in t}
+    with open(os.path.join(workdir, "ablation.json"), "w") as f:
         json.dump(row, f, indent=2)
     return {**row, "status": status}
 
 
-def run_grid(grid: dict, root: str, overrides: dict | None = None, log=print) -> list[dict]:
-    """Run every cell (resuming), then write ROOT/results.{md,csv,json} and ablation.png."""
+def run_grid(grid: dict, root: str, overrides: dict | None = None, *, seeds: int = 1,
+             lr_sweep=(1.0,), budget: tuple[str, float] | None = None,
+             baseline: str | None = None, log=print) -> dict:
+    """Run every run of the grid (resuming), then write ROOT/table.md, results.json and
+    the bpb plots (jaxllm.ablation_report). Returns the results dict."""
+    from jaxllm import ablation_report
 
     base = copy.deepcopy(grid["base"])
     for key, value in (overrides or {}).items():
         _set(base, key, value)
+    sweep = len(lr_sweep) > 1
+    if sweep and not base.data.valid_fraction:
+        base.data.valid_fraction = base.data.eval_fraction
     grid = {**grid, "base": base}
+    names = [n for n, _, _ in cells(grid)]
+    baseline = baseline or names[0]
+    if baseline not in names:
+        raise ConfigError(f"--baseline: no cell {baseline!r}; cells: {', '.join(names)}")
     os.makedirs(root, exist_ok=True)
-    tokenizers = prepare_tokenizers(grid, root)
-    todo = [(n, lab, cell_config(base, ov, tokenizers)) for n, lab, ov in cells(grid)]
+    todo = plan_runs(grid, prepare_tokenizers(grid, root), seeds, lr_sweep, budget)
     rows = []
-    for i, (name, labels, cfg) in enumerate(todo, 1):
-        log(f"[{i}/{len(todo)}] {name}")
-        rows.append(run_cell(name, labels, cfg, os.path.join(root, name), grid["eval"]))
+    for i, run in enumerate(todo, 1):
+        log(f"[{i}/{len(todo)}] {run.name}")
+        rows.append(run_cell(run, os.path.join(root, run.name), grid["eval"], sweep))
         log(f"    {rows[-1]['status']}: bpb {rows[-1]['bpb']:.4f}")
-    write_results(rows, root, list(grid["axes"]))
-    report.plot_runs([os.path.join(root, r["cell"]) for r in rows],
-                     os.path.join(root, "ablation.png"), [r["cell"] for r in rows],
-                     title=f"ablation: {' x '.join(grid['axes'])}")
-    return rows
-
-
-def write_results(rows: list[dict], root: str, axes: list[str]) -> str:
-
-    metrics = tuple(f"_{m}" for m in LM_EVAL_COLUMNS)  # includes _acc, _acc_norm
-    extra = sorted({k for r in rows for k in r if k.endswith(metrics)})
-    cols = ["cell", *axes, "bpb", *extra, *COLUMNS[2:]]
-    table = markdown_table(sorted(rows, key=lambda r: r["bpb"]), cols)
-    with open(os.path.join(root, "results.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(root, "results.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    with open(os.path.join(root, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols + ["status"], extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    return table
+    meta = {"axes": list(grid["axes"]), "seeds": seeds, "lr_sweep": list(lr_sweep),
+            "budget": f"{budget[0]}:{budget[1]:g}" if budget else None, "baseline": baseline}
+    return ablation_report.write(root, rows, meta)

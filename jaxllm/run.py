@@ -6,7 +6,8 @@ evaluation, sampling, Hugging Face export, the resume check of training and the 
 
 - `config.json` holds the resolved config the run trained with. `read_config` lays it over
   the current `config.defaults()`; a key the current schema does not know (a run written
-  by another version) is ignored with a warning, at any depth.
+  by another version) is ignored with a warning, at any depth; keys config.json predates
+  keep the behaviour the run trained with (`config.keep_saved_behaviour`).
 - Parameters are read alone (no optimizer state, no data iterator) from the newest
   finished checkpoint, or an older one when the newest is unreadable (the same walk
   training uses, `checkpoint.Checkpointer`), onto the shardings of the mesh given.
@@ -25,7 +26,7 @@ from ml_collections import ConfigDict
 
 from jaxllm import parallel
 from jaxllm.checkpoint import Checkpointer
-from jaxllm.config import ConfigError, defaults, set_key, validate
+from jaxllm.config import ConfigError, defaults, keep_saved_behaviour, set_key, validate
 from jaxllm.data.resolve import resolve
 from jaxllm.model.transformer import ModelDef, abstract_model
 from jaxllm.runfiles import read_config_json
@@ -77,7 +78,7 @@ def read_config(workdir) -> ConfigDict:
         merge_saved(cfg, saved)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path}: does not match the config schema ({e})") from None
-    return cfg
+    return keep_saved_behaviour(cfg, saved)
 
 
 def restore_params(cfg, workdir, mesh, step: int | None = None):

@@ -83,7 +83,7 @@ def test_presets_match_their_names():
     assert 1.25e9 < llama < 1.45e9, llama
     mpt = load("mpt_style")
     assert (mpt.model.pos_encoding, mpt.model.activation, mpt.model.norm, mpt.model.use_bias) == (
-        "alibi", "gelu", "layernorm", False)
+        "alibi", "gelu_exact", "layernorm", False)  # MPT's exact GELU: exports as MPT
     del jax
 
 

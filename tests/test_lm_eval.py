@@ -273,20 +273,25 @@ def test_jaxllm_eval_reports_lm_eval_metrics_with_bpb(workdir, tasks, results, t
 
 
 def test_ablation_rows_carry_lm_eval_metrics(workdir, tasks, results, tmp_path):
-    from jaxllm import experiments
+    from jaxllm import ablation_report, experiments
     from jaxllm.run import read_config
 
     cfg = read_config(str(workdir))
     ev = {"max_bytes": 500, "batch_size": 4, "lm_eval_tasks": "jx_mc,jx_roll",
           "lm_eval_include": str(tasks[0])}
-    row = experiments.run_cell("cell", {}, cfg, str(workdir), ev)
+    derived = {"steps": cfg.train.steps, "warmup_steps": 0, "tokens_per_step": 1,
+               "bytes_per_token": 1.0, "flops_per_token": 1.0, "lr": 1e-3}
+    run = experiments.Run("cell", "cell", {}, 0, 1.0, cfg, derived)
+    row = experiments.run_cell(run, str(workdir), ev)
     assert row["status"] == "evaluated"
-    assert row["jx_mc_acc"] == results["results"]["jx_mc"]["acc,none"]
-    assert row["jx_roll_bits_per_byte"] == pytest.approx(
+    assert row["tasks"]["jx_mc"]["acc"] == results["results"]["jx_mc"]["acc,none"]
+    assert row["tasks"]["jx_roll"]["bits_per_byte"] == pytest.approx(
         results["results"]["jx_roll"]["bits_per_byte,none"], rel=1e-6)
-    experiments.write_results([row], str(tmp_path), [])
-    header = (tmp_path / "results.md").read_text().splitlines()[0]
+    meta = {"axes": [], "seeds": 1, "lr_sweep": [1.0], "budget": None, "baseline": "cell"}
+    summary = ablation_report.summarize_cells([row], "cell")
+    header = ablation_report.cell_table(summary, meta).splitlines()[0]
     assert "jx_mc_acc_norm" in header and "jx_roll_bits_per_byte" in header
+    assert summary[0]["tasks"]["jx_mc_acc"]["mean"] == row["tasks"]["jx_mc"]["acc"]
 
 
 def test_jaxllm_lm_eval_command(workdir, tasks, results, capsys, local_tasks_only):

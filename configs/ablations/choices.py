@@ -5,8 +5,11 @@ optimizer x tokenizer, every cell with the same data and token budget (tools/abl
 
 ARG picks the axes (default `pos_act`): `pos_act` (4 x 2 = 8 cells), `pos`, `act` (all seven
 activations), `optim` (AdamW, Lion, Sophia-G, Sophia-H, 8-bit Adam, SGD), `tokenizer` (bytes,
-SentencePiece BPE / unigram and byte-level BPE trained on the training text), `all` (the
-full 4 x 2 x 6 x 4 product: 192 cells). Restrict any axis with `--only=AXIS=a,b`.
+SentencePiece BPE / unigram and byte-level BPE trained on the training text), `seq_len`
+(64, 128, 256, 512: compare at a matched `--budget=flops:N`), `all` (the full 4 x 2 x 6 x 4
+product: 192 cells). Restrict any axis with `--only=AXIS=a,b`. Seeds, learning-rate sweeps
+and budgets are flags of tools/ablate.py (`--seeds`, `--lr_sweep`, `--budget`); the
+README's "Ablation verdicts" section has the commands sized for 2 CPU cores.
 
 Base: the tiny CPU config (jaxllm.config.tiny: 4 layers, d_model 128, seq_len 256, batch 16,
 byte tokens, the embedded Python stdlib corpus), shortened to 150 steps. The optimizer
@@ -54,6 +57,7 @@ def get_grid(arg=None):
         "act": {"model.activation": list(ACT)},
         "optim": {"optimizer": OPTIM},
         "tokenizer": {"tokenizer": TOKENIZERS},
+        "seq_len": {"data.seq_len": [64, 128, 256, 512]},
         "all": {**pos, **act2, "optimizer": OPTIM, "tokenizer": TOKENIZERS},
     }
     arg = arg or "pos_act"

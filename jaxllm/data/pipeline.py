@@ -241,6 +241,19 @@ def load_split(cfg, tokenizer, split: str, path: str | None = None,
     return Split(data.doc_len[docs] + 1, doc_fn=lambda j: data.doc(docs[j]))
 
 
+def whole_if_token_split(cfg, tokenizer, path: str | None = None,
+                         key: str = "data.path") -> Split | None:
+    """Every document of a corpus that is split by tokens (`token_cuts`), whole and in
+    corpus order (what `--split=all` evaluates); None where the split is by document."""
+    path = cfg.data.path if path is None else path
+    if not path:
+        return None
+    data = open_prepared(path, cfg, tokenizer, key)
+    if token_cuts(data, cfg) is None:
+        return None
+    return Split(data.doc_len + 1, doc_fn=data.doc)
+
+
 def token_cuts(data: PreparedData, cfg) -> tuple[int, int] | None:
     """Token offsets (train end, valid end) of a split by tokens, or None to split by
     document.

@@ -13,7 +13,8 @@ from jaxllm.data.tokenizers import load_tokenizer
 
 
 def resolve(cfg):
-    """Fill derived values (vocab size from the tokenizer); validate; return the tokenizer."""
+    """Fill derived values (vocab size and the ids in use from the tokenizer); validate;
+    return the tokenizer."""
     validate(cfg)
     try:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -26,4 +27,10 @@ def resolve(cfg):
     elif cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {tokenizer.vocab_size}")
+    if not cfg.model.vocab_used:
+        cfg.model.vocab_used = tokenizer.vocab_size
+    elif not tokenizer.vocab_size <= cfg.model.vocab_used <= cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_used: {cfg.model.vocab_used} must be in [the "
+                          f"tokenizer's {tokenizer.vocab_size}, model.vocab_size "
+                          f"{cfg.model.vocab_size}]")
     return tokenizer

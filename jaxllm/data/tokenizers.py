@@ -17,7 +17,8 @@ tokenizer. Exactness needs every id to stand for one fixed byte string, so:
 - Byte-level BPE (GPT-2 / GPT-NeoX style; Sennrich et al. 2016, Radford et al. 2019) from a
   Hugging Face `tokenizers` `.json` whose pre-tokenizer and decoder are ByteLevel and that
   has no normalizer: each character of a token maps back to one byte. A ByteLevel
-  `add_prefix_space` is switched off on load (it would add a byte the text lacks).
+  `add_prefix_space` is switched off on load (it would add a byte the text lacks), and
+  special-token strings in text are encoded as ordinary text (as SentencePiece does).
 """
 
 from __future__ import annotations
@@ -166,6 +167,9 @@ class ByteLevelBPETokenizer(_TableTokenizer):
                 if n.get("type") == "ByteLevel":
                     n["add_prefix_space"] = False
             self.tok = Tokenizer.from_str(json.dumps(spec))
+            # special tokens come from the pipeline, never from text: a literal
+            # "<|endoftext|>" in a document is ordinary text (and its bytes count)
+            self.tok.encode_special_tokens = True
         except Exception as e:
             raise ValueError(f"data.tokenizer: {path} is not a valid tokenizers .json ({e})") from e
 

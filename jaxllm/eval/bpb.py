@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxllm.config import ConfigError
-from jaxllm.data.pipeline import load_split, parse_mixture
+from jaxllm.data.pipeline import load_split, parse_mixture, whole_if_token_split
 from jaxllm.eval.scoring import Request
 from jaxllm.model.loss import nll_summary
 
@@ -44,8 +44,9 @@ def eval_documents(cfg, tokenizer, split: str = "eval", max_bytes: int = 0) -> l
     docs, total = [], 0
     try:
         for path, key in sources:
-            for part in parts:
-                s = load_split(cfg, tokenizer, part, path, key)
+            whole = whole_if_token_split(cfg, tokenizer, path, key) if split == "all" else None
+            for s in [whole] if whole is not None else (
+                    load_split(cfg, tokenizer, part, path, key) for part in parts):
                 for j in range(len(s)):
                     if max_bytes and total >= max_bytes:
                         return docs

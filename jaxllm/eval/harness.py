@@ -158,7 +158,8 @@ def row_length(reqs, seq_len: int) -> int:
 
 
 def evaluate_task(scorer, task: Task, seq_len: int) -> dict:
-    """{task, kind, n, acc[, acc_norm][, mean_logprob]}; chance level is reported too."""
+    """{task, kind, n, acc[, acc_norm][, mean_logprob], chance, item_acc}; `item_acc` is
+    each scored item's 0/1 correctness (for bootstrap intervals over items)."""
     items, reqs = task_requests(task, scorer.run.tokenizer, seq_len)
     greedy = task.kind == "last_word"
     s = scorer.score(reqs, row_length(reqs, seq_len), packing=False, greedy=greedy)
@@ -167,16 +168,17 @@ def evaluate_task(scorer, task: Task, seq_len: int) -> dict:
     head = {"task": task.name, "kind": task.kind, "n": n, "skipped": len(task.items) - n}
     if greedy:
         return {**head, "acc": float(s.greedy.mean()), "mean_logprob": float(logprob.mean()),
-                "chance": 0.0}
-    correct, correct_norm, k, chance = 0, 0, 0, 0.0
+                "chance": 0.0, "item_acc": [int(g) for g in s.greedy]}
+    correct, correct_norm, k, chance = [], 0, 0, 0.0
     for _ctx, choices, label in items:
         lp = logprob[k:k + len(choices)]
         lens = np.array([len(c) for c in choices], np.float64)
-        correct += int(np.argmax(lp) == label)
+        correct.append(int(np.argmax(lp) == label))
         correct_norm += int(np.argmax(lp / lens) == label)
         chance += 1.0 / len(choices)
         k += len(choices)
-    return {**head, "acc": correct / n, "acc_norm": correct_norm / n, "chance": chance / n}
+    return {**head, "acc": sum(correct) / n, "acc_norm": correct_norm / n,
+            "chance": chance / n, "item_acc": correct}
 
 
 def item_scores(scorer, task: Task, seq_len: int) -> np.ndarray:

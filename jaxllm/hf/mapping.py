@@ -1,11 +1,13 @@
 """jaxllm parameters <-> Hugging Face `transformers` tensors, as pure numpy.
 
-Three transformers classes express a jaxllm block exactly (pre-norm, residual stream,
+These transformers classes express a jaxllm block exactly (pre-norm, residual stream,
 causal attention scaled by 1/sqrt(head_dim), no dropout):
 
 | jaxllm model                                          | transformers class  |
 |-------------------------------------------------------|---------------------|
 | rope + gated MLP (swiglu/geglu/reglu/glu) + rmsnorm   | LlamaForCausalLM    |
+| the same with swiglu and no biases                    | MistralForCausalLM (`arch`) |
+| the same with swiglu and q/k/v biases only (qkv_bias) | Qwen2ForCausalLM    |
 | learned (or no) positions + relu/gelu/gelu_exact/swish + layernorm | GPT2LMHeadModel |
 | alibi + gelu_exact + layernorm without bias, d_ff = 4 d_model | MptForCausalLM |
 
@@ -27,9 +29,10 @@ Layout facts the mapping relies on (read off transformers' modeling files):
   fuses them as `Wqkv` [3d, d] (nn.Linear, [out, in]); heads are the major factor of the
   fused width in both. Missing biases (jaxllm use_bias=false) export as zeros, which is
   exact; `pos_encoding=none` exports to GPT-2 as an all-zero position table.
-- The vocabulary is padded to a multiple of 128 in jaxllm; it is exported padded (every
-  logit equal) unless `vocab` is given, which keeps rows [0, vocab) (logits of real ids
-  equal; the padding rows are simply absent).
+- The vocabulary is padded to a multiple of 128 in jaxllm; `vocab` keeps rows [0, vocab)
+  (logits of real ids equal; the padding rows are simply absent), None exports them all.
+- Mistral is Llama without biases (its sliding window is left off: attention is full);
+  Qwen2 is Llama with q/k/v biases and no others.
 """
 
 from __future__ import annotations
@@ -70,8 +73,8 @@ def family(m) -> str:
                        f"n_heads={m.n_heads})")
         return _ok("gpt2", why)
     if m.pos_encoding == "alibi":
-        if m.norm != "layernorm" or m.use_bias:
-            why.append("alibi needs norm=layernorm with use_bias=false (MPT)")
+        if m.norm != "layernorm" or m.use_bias or m.qkv_bias:
+            why.append("alibi needs norm=layernorm with use_bias=false, qkv_bias=false (MPT)")
         if m.activation != "gelu_exact":
             why.append(f"MPT's MLP is exact (erf) GELU; activation must be gelu_exact, got "
                        f"{m.activation}" + (" (jaxllm gelu is the tanh approximation)"
@@ -83,6 +86,30 @@ def family(m) -> str:
             why.append(f"MPT has no grouped-query attention (n_kv_heads={kv})")
         return _ok("mpt", why)
     raise ConfigError(f"model.pos_encoding: {m.pos_encoding!r} has no transformers class")
+
+
+ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+         "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "mpt": "MptForCausalLM"}
+
+
+def architecture(m, arch: str | None = None) -> str:
+    """The model_type to export `m` as: `arch` if it expresses `m` exactly, else the
+    family's default (qwen2 for a Llama-shaped model with q/k/v biases only, else llama)."""
+    fam = family(m)
+    qwen = m.qkv_bias and not m.use_bias
+    if arch is None:
+        return "qwen2" if fam == "llama" and qwen else fam
+    if arch not in ARCHS:
+        raise ConfigError(f"--arch: got {arch!r}; allowed: {', '.join(ARCHS)}")
+    fits = {"llama": fam == "llama", "gpt2": fam == "gpt2", "mpt": fam == "mpt",
+            "mistral": fam == "llama" and not (m.use_bias or m.qkv_bias)
+            and m.activation == "swiglu",
+            "qwen2": fam == "llama" and qwen and m.activation == "swiglu"}
+    if not fits[arch]:
+        raise ConfigError(f"--arch: {arch} cannot express this model ({fam}-shaped, "
+                          f"activation {m.activation}, use_bias {m.use_bias}, qkv_bias "
+                          f"{m.qkv_bias}); it exports as {architecture(m)}")
+    return arch
 
 
 def _ok(name, why):
@@ -130,22 +157,24 @@ def _attn_parts(a, m) -> dict:
                for b in ("bq", "bk", "bv")}}
 
 
-def _llama_layer(t, i, L, w, m, dt) -> None:
+def _llama_layer(t, i, L, w, m, dt, kind) -> None:
     pre, mlp = f"model.layers.{i}.", L["mlp"]
     for name, key in (("q", "wq"), ("k", "wk"), ("v", "wv"), ("o", "wo")):
         t[pre + f"self_attn.{name}_proj.weight"] = w[key].T
     for name in ("gate", "up", "down"):
         t[pre + f"mlp.{name}_proj.weight"] = mlp[f"w_{name}"].T
+    if w["bq"] is not None:
+        t.update({pre + f"self_attn.{n}_proj.bias": w[f"b{n}"] for n in "qkv"})
     if m.use_bias:
-        t.update({pre + "self_attn.q_proj.bias": w["bq"], pre + "self_attn.k_proj.bias": w["bk"],
-                  pre + "self_attn.v_proj.bias": w["bv"],
-                  pre + "self_attn.o_proj.bias": L["attn"]["o_bias"],
+        t.update({pre + "self_attn.o_proj.bias": L["attn"]["o_bias"],
                   **{pre + f"mlp.{n}_proj.bias": mlp[f"{n}_bias"] for n in ("gate", "up", "down")}})
+    elif w["bq"] is not None and kind == "llama":  # Llama's attention_bias includes o_proj
+        t[pre + "self_attn.o_proj.bias"] = np.zeros((m.d_model,), dt)
     t[pre + "input_layernorm.weight"] = L["ln1"]["scale"]
     t[pre + "post_attention_layernorm.weight"] = L["ln2"]["scale"]
 
 
-def _gpt2_layer(t, i, L, w, m, dt) -> None:
+def _gpt2_layer(t, i, L, w, m, dt, kind) -> None:
     pre, mlp, d, f = f"transformer.h.{i}.", L["mlp"], m.d_model, resolved_d_ff(m)
 
     def z(x, n):
@@ -163,7 +192,7 @@ def _gpt2_layer(t, i, L, w, m, dt) -> None:
         t[pre + f"ln_{j}.bias"] = z(L[f"ln{j}"].get("bias"), d)
 
 
-def _mpt_layer(t, i, L, w, m, dt) -> None:
+def _mpt_layer(t, i, L, w, m, dt, kind) -> None:
     pre, mlp = f"transformer.blocks.{i}.", L["mlp"]
     t[pre + "attn.Wqkv.weight"] = np.concatenate([w["wq"], w["wk"], w["wv"]], axis=1).T
     t[pre + "attn.out_proj.weight"] = w["wo"].T
@@ -194,10 +223,12 @@ def _outer(t, fam, p, emb, cfg, dt) -> None:
         t["transformer.norm_f.weight"] = p["ln_f"]["scale"]
 
 
-def to_hf(cfg, params, vocab: int | None = None):
-    """(hf_config dict, {name: np.ndarray}) for `params` (a pure dict of arrays)."""
+def to_hf(cfg, params, vocab: int | None = None, arch: str | None = None,
+          max_seq_len: int | None = None):
+    """(hf_config dict, {name: np.ndarray}) for `params` (a pure dict of arrays), as
+    `architecture(cfg.model, arch)`; `max_seq_len` is MPT's limit (default data.seq_len)."""
     m = cfg.model
-    fam = family(m)
+    fam, kind = family(m), architecture(m, arch)
     p = _map(np.asarray, params)
     v = m.vocab_size if vocab is None else vocab
     if not 0 < v <= m.vocab_size:
@@ -205,46 +236,49 @@ def to_hf(cfg, params, vocab: int | None = None):
     emb = p["embed"]["embedding"][:v]
     t = {}
     for i, L in enumerate(layers_of(p, m.n_layers)):
-        _LAYER[fam](t, i, L, _attn_parts(L["attn"], m), m, emb.dtype)
+        _LAYER[fam](t, i, L, _attn_parts(L["attn"], m), m, emb.dtype, kind)
     _outer(t, fam, p, emb, cfg, emb.dtype)
     if not m.tie_embeddings:
         t["lm_head.weight"] = p["lm_head"][:, :v].T
     t = {k: np.ascontiguousarray(x) for k, x in t.items()}
-    return hf_config(cfg, fam, v), t
+    return hf_config(cfg, kind, v, max_seq_len or cfg.data.seq_len), t
 
 
-def hf_config(cfg, fam: str, vocab: int) -> dict:
-    """The transformers config.json for family `fam`."""
+def hf_config(cfg, kind: str, vocab: int, max_seq_len: int) -> dict:
+    """The transformers config.json for model_type `kind` (`architecture`)."""
     m = cfg.model
     d, h = m.d_model, m.n_heads
-    common = {"vocab_size": vocab, "tie_word_embeddings": bool(m.tie_embeddings),
-              "torch_dtype": m.param_dtype, "use_cache": True}
-    if fam == "llama":
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                "hidden_size": d, "intermediate_size": resolved_d_ff(m),
-                "num_hidden_layers": m.n_layers, "num_attention_heads": h,
-                "num_key_value_heads": m.n_kv_heads or h, "head_dim": d // h,
-                "hidden_act": LLAMA_ACT[m.activation], "rms_norm_eps": m.norm_eps,
-                "rope_theta": float(m.rope_base),
-                "rope_parameters": {"rope_type": "default", "rope_theta": float(m.rope_base)},
-                "max_position_embeddings": cfg.data.seq_len, "attention_bias": m.use_bias,
-                "mlp_bias": m.use_bias, "attention_dropout": 0.0, "initializer_range":
-                m.init_std, **common}
-    if fam == "gpt2":
-        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": d,
+    common = {"architectures": [ARCHS[kind]], "model_type": kind, "vocab_size": vocab,
+              "tie_word_embeddings": bool(m.tie_embeddings), "torch_dtype": m.param_dtype,
+              "use_cache": True, "initializer_range": m.init_std}
+    if kind in ("llama", "mistral", "qwen2"):
+        out = {"hidden_size": d, "intermediate_size": resolved_d_ff(m),
+               "num_hidden_layers": m.n_layers, "num_attention_heads": h,
+               "num_key_value_heads": m.n_kv_heads or h, "head_dim": d // h,
+               "hidden_act": LLAMA_ACT[m.activation], "rms_norm_eps": m.norm_eps,
+               "rope_theta": float(m.rope_base),
+               "rope_parameters": {"rope_type": "default", "rope_theta": float(m.rope_base)},
+               "max_position_embeddings": cfg.data.seq_len, "attention_dropout": 0.0, **common}
+        if kind == "llama":
+            out.update(attention_bias=bool(m.use_bias or m.qkv_bias), mlp_bias=m.use_bias)
+        else:  # full attention: no sliding window
+            out.update(sliding_window=None, use_sliding_window=False,
+                       max_window_layers=m.n_layers)
+        return out
+    if kind == "gpt2":
+        return {"n_embd": d,
                 "n_layer": m.n_layers, "n_head": h, "n_inner": resolved_d_ff(m),
                 "n_positions": m.max_position or cfg.data.seq_len,
                 "activation_function": GPT2_ACT[m.activation],
                 "layer_norm_epsilon": m.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
                 "attn_pdrop": 0.0, "scale_attn_weights": True,
                 "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-                "initializer_range": m.init_std, **common}
-    return {"architectures": ["MptForCausalLM"], "model_type": "mpt", "d_model": d,
-            "n_heads": h, "n_layers": m.n_layers, "expansion_ratio": 4,
-            "max_seq_len": cfg.data.seq_len, "layer_norm_epsilon": m.norm_eps,
+                **common}
+    return {"d_model": d, "n_heads": h, "n_layers": m.n_layers, "expansion_ratio": 4,
+            "max_seq_len": max_seq_len, "layer_norm_epsilon": m.norm_eps,
             "learned_pos_emb": False, "no_bias": True, "norm_type": "low_precision_layernorm",
             "resid_pdrop": 0.0, "emb_pdrop": 0.0, "logit_scale": None,
             "attn_config": {"alibi": True, "alibi_bias_max": 8, "attn_pdrop": 0,
                             "clip_qkv": None, "softmax_scale": None, "qk_ln": False,
                             "prefix_lm": False, "attn_type": "multihead_attention"},
-            "initializer_range": m.init_std, **common}
+            **common}

@@ -16,6 +16,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxllm.model.transformer import mask_padding
+
 
 def chunk_size(t: int, chunk: int) -> int:
     """Tokens per logits chunk: the largest divisor of `t` not above `chunk` (0 = all of t)."""
@@ -53,9 +55,7 @@ def greedy_hits(model, h, targets, vocab_limit: int, chunk: int):
     """[B, T] bool: the target is the argmax over the real vocabulary (padding ids masked)."""
 
     def one(hc, tc):
-        logits = model.logits(hc)
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
-        return jnp.argmax(logits, axis=-1) == tc
+        return jnp.argmax(mask_padding(model.logits(hc), vocab_limit), axis=-1) == tc
 
     return over_chunks(one, h, targets, chunk)
 

@@ -30,6 +30,14 @@ def position_limit(cfg) -> int | None:
     return (m.max_position or cfg.data.seq_len) if m.pos_encoding == "learned" else None
 
 
+def mask_padding(logits, vocab_used: int):
+    """`logits` [..., V] with ids >= vocab_used set to -inf (0 or V: unchanged)."""
+    if not vocab_used or vocab_used >= logits.shape[-1]:
+        return logits
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.where(ids < vocab_used, logits, -jnp.inf)
+
+
 class Block(nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
         self.ln1 = Norm(cfg, rngs)
@@ -127,12 +135,15 @@ class Transformer(nnx.Module):
                              f"holds {table} (model.max_position, else data.seq_len)")
 
     def logits(self, h):
-        """Float32 logits [..., vocab] from hidden states."""
+        """Float32 logits [..., vocab] from hidden states; padding ids (>= model.vocab_used)
+        get -inf, so every distribution formed from them (loss, eval, sampling) puts exactly
+        0 probability there."""
         if self.lm_head is None:
             out = self.embed.attend(h)
         else:
             out = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(self.dtype))
-        return constrain(out.astype(jnp.float32), "batch", "length", "vocab")
+        out = mask_padding(out.astype(jnp.float32), self.cfg.model.vocab_used)
+        return constrain(out, "batch", "length", "vocab")
 
     def __call__(self, tokens, segment_ids=None, positions=None):
         return self.logits(self.hidden(tokens, segment_ids, positions)[0])

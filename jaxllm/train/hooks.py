@@ -4,8 +4,9 @@ The loop (`train/loop.py`) runs the step and then calls every hook's `on_step(lo
 state)` in order; a hook returning True stops the loop (preemption). After the loop each
 hook's `on_end(loop, step, state)` runs, by `end_rank` (final log flush, final checkpoint,
 the preemption report, final eval, the end-of-training sample). Adding a periodic action
-is one class here and one entry in `loop.default_hooks`. Cadences are functions of the step number only, so a resumed run
-calls the hooks at the same steps as an uninterrupted one.
+is one class here and one entry in `loop.default_hooks`. Cadences are functions of the
+step number only, so a resumed run calls the hooks at the same steps as an uninterrupted
+one.
 
 `loop` is the loop's shared context (`loop.Loop`): config, mesh, metrics writer, progress
 bar, checkpointer, train iterator, the last train row (`loop.last`), the step's metrics

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from jaxllm import parallel
 from jaxllm.checkpoint import data_meta
-from jaxllm.config import SHAPE_KEYS, ConfigError, get_key
+from jaxllm.config import SHAPE_KEYS, ConfigError, get_key, keep_saved_behaviour
 from jaxllm.run import saved_config
 from jaxllm.state import abstract_state, init_state
 
@@ -32,10 +32,13 @@ OPT_STATE_KEYS = {"adam8bit": ("optim.block_size", "optim.min_8bit_size",
 
 
 def check_compatible(cfg, workdir) -> None:
-    """Refuse to resume a workdir whose saved config has other parameter shapes."""
+    """Refuse to resume a workdir whose saved config has other parameter shapes; keys the
+    saved config predates keep the behaviour the run started with
+    (`config.keep_saved_behaviour`: no padding mask without `model.vocab_used`)."""
     saved = saved_config(workdir)
     if saved is None:
         return
+    keep_saved_behaviour(cfg, saved)
     bad = []
     for key in RESUME_KEYS + OPT_STATE_KEYS.get(cfg.optim.name, ()):
         old, now = get_key(saved, key, None), get_key(cfg, key)
