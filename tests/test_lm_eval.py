@@ -23,6 +23,7 @@ from tests.fixtures import (  # noqa: E402
     corpus_texts,
     random_run,
     ref_continuation,
+    ref_forward,
     ref_logprobs,
     tiny_eval_cfg,
     write_jsonl,
@@ -141,6 +142,9 @@ def test_loglikelihoods_equal_numpy_reference(lm, results):
     """(a): every choice's log-likelihood as lm-eval recorded it, left truncation included."""
     run, seq = lm.run, lm.max_length
     assert seq == run.cfg.data.seq_len == 32 and lm.batch_size == 4
+    # padding ids of the 384-row output layer carry no probability in what is scored
+    logits = np.asarray(ref_forward(run.model_def)(run.params, np.array([[258, 65]], np.int32)))
+    assert logits.shape[-1] == 384 and np.isneginf(logits[..., 259:]).all()
     samples = results["samples"]["jx_mc"]
     assert len(samples) == len(MC_ITEMS)
     for s in samples:

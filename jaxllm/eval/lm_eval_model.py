@@ -22,8 +22,9 @@ How requests become model inputs (the conventions of lm-eval's own `hf` model):
 - Requests are grouped by row length (powers of two from 16 to `max_length`), so the
   jitted forward pass compiles once per length, and scored by `scoring.Scorer` (each
   request its own padded row). Log-probabilities are those of the model's softmax, as in
-  training and bits per byte; `is_greedy` takes the argmax over the tokenizer's real
-  vocabulary (padding ids of the embedding table never count as predictions).
+  training and bits per byte: padding ids of the embedding table (`model.vocab_used` and
+  up) have -inf logits there, so they carry no probability; `is_greedy` takes the argmax
+  over the tokenizer's real vocabulary (also for runs recorded before that mask).
 - `generate_until` runs the KV-cached sampler (`sample.generate`) on left-padded batches
   of prompts (widths again powers of two), greedy unless a task sets `do_sample`/
   `temperature`; all `max_gen_toks` tokens are generated, then the text is cut at the
