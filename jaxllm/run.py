@@ -67,8 +67,8 @@ def read_config(workdir) -> ConfigDict:
     """The resolved config of a run: `DIR/config.json` over the current defaults."""
     path = workdir_path(workdir) / "config.json"
     if not path.parent.is_dir():
-        raise ConfigError(f"{path}: not found; {workdir} is not a directory (a "
-                          "jaxllm-train --workdir)")
+        raise ConfigError(f"--workdir: {workdir} is not a directory (a jaxllm-train "
+                          "--workdir)")
     saved = saved_config(workdir)
     if saved is None:
         raise ConfigError(f"{path}: not found; is {workdir} a jaxllm workdir "

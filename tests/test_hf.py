@@ -381,8 +381,8 @@ def test_clis_round_trip_and_error_contract(tmp_path):
         f"error: {wd}: already holds checkpoints; use a new --workdir"]
     r = run_cli(["tools/export_hf.py", "--workdir", str(tmp_path / "nope"), "--out", "x"])
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'nope' / 'config.json'}: not found; {tmp_path / 'nope'} is not a "
-        "directory (a jaxllm-train --workdir)"]
+        f"error: --workdir: {tmp_path / 'nope'} is not a directory (a jaxllm-train "
+        "--workdir)"]
     assert not os.path.exists(tmp_path / "x")
 
 

@@ -223,7 +223,7 @@ def test_model_args_errors(lm, workdir, tmp_path):
     for args, msg in [
         (f"workdir={tmp_path / 'missing'}", "is not a directory"),
         ("step=1", "workdir=DIR"),
-        (f"workdir={workdir},step=7", "--step: 7 not in the checkpoints"),
+        (f"workdir={workdir},step=7", "--step: 7 is not among the checkpoints"),
         (f"workdir={workdir},colour=red", "unknown argument 'colour'"),
         (f"workdir={workdir},batch_size=auto", "batch_size auto"),
         (f"workdir={workdir},max_length=1", "max_length=1"),
