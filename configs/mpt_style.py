@@ -1,4 +1,5 @@
-"""MPT-style model: ALiBi (no position embeddings), GELU, LayerNorm without biases.
+"""MPT-style model: ALiBi (no position embeddings), exact (erf) GELU, LayerNorm without biases,
+a 4*d_model MLP: exactly MosaicML MPT (exports as MptForCausalLM, tools/export_hf.py).
 
 ARG picks the width: 125m (default), 350m, 760m or 1b.
 """
@@ -13,7 +14,7 @@ def get_config(arg=None):
     d, n_layers, n_heads = SIZES[arg or "125m"]
     c = defaults()
     c.model.update(d_model=d, n_layers=n_layers, n_heads=n_heads, pos_encoding="alibi",
-                   activation="gelu", norm="layernorm", use_bias=False, tie_embeddings=True,
+                   activation="gelu_exact", norm="layernorm", use_bias=False, tie_embeddings=True,
                    vocab_size=50432)
     c.optim.update(name="adamw", lr=6e-4, warmup_steps=2000)
     c.train.update(steps=100000, batch_size=256, log_every=10, eval_every=1000)

@@ -1,3 +1,40 @@
-"""jaxllm: a JAX/Flax NNX pre-training stack for decoder-only language models."""
+"""jaxllm: a JAX/Flax NNX pre-training stack for decoder-only language models.
+
+Layers, lowest first. A module imports only from lower layers and from its own package
+(or group, GROUPS below); packages on one line are siblings and never import each other
+(tests/test_layers.py parses every import, function-local ones included). `config` reads
+the choice registries of layers 1-2 by name when it validates (`config.SCHEMA`), the one
+dependency that points up, at run time only:
+
+    6  cli, tools/, python -m mains   entry points: flags, `error: ...` + exit 2
+    5  experiments, budget,            workflows over the layers below: ablation grids,
+       ablation_report | benchmark,    throughput, memory
+       bench_report | sizing
+    4  train | eval | hf               the training loop; evaluation; HF export/import
+    3  checkpoint, state, run,         Orbax checkpoints, the train state's layout,
+       runfiles, workdir_lock          opening a run (config.json, newest good params),
+                                       metrics.jsonl and the workdir lock
+    2  model | data                    NNX modules, forward -> per-token NLL, bits per byte,
+                                       sampling; tokenizers, corpora, grain pipeline,
+                                       config resolution against the tokenizer
+    1  kernels | optim | parallel      attention backends (no Flax), optax transforms,
+       | isolate                       meshes and logical-axis rules, one-row subprocesses
+    0  config | stats                  keys, defaults, validation (imports no jaxllm module);
+                                       statistics of seeds (numpy only)
+"""
 
 __version__ = "0.1.0"
+
+# layer of each top-level module or package (the table above); GROUPS joins the modules of
+# one layer that may import each other
+LAYERS = {"config": 0, "kernels": 1, "optim": 1, "parallel": 1, "model": 2, "data": 2,
+          "checkpoint": 3, "state": 3, "run": 3, "runfiles": 3, "workdir_lock": 3,
+          "train": 4, "eval": 4, "hf": 4,
+          "experiments": 5, "benchmark": 5, "bench_report": 5, "sizing": 5, "budget": 5,
+          "ablation_report": 5, "stats": 0, "isolate": 1,
+          "cli": 6, "tools": 6}
+GROUPS = {"experiments": "experiments", "budget": "experiments",
+          "ablation_report": "experiments", "benchmark": "benchmark",
+          "bench_report": "benchmark", "checkpoint": "run",
+          "state": "run", "run": "run", "runfiles": "run", "workdir_lock": "run",
+          "cli": "entry", "tools": "entry"}

@@ -1,6 +1,6 @@
 """Training-throughput benchmark: model size x sequence length x position encoding x backend.
 
-Each configuration runs the real train step (`train.state.init_state` +
+Each configuration runs the real train step (`state.init_state` +
 `train.step.jit_train_step`, the construction `train.loop` uses: explicit shardings, donated
 state) on one synthetic token batch, and reports medians over timed steps after warm-up:
 tokens/s per device, MFU (`train.metrics`, the one formula 6N + 12·L·d·T of PaLM and
@@ -16,10 +16,8 @@ from __future__ import annotations
 import copy
 import datetime
 import json
-import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 
@@ -29,10 +27,14 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from jaxllm import optim, parallel
-from jaxllm.config import POS_ENCODINGS, ConfigError, validate
+from jaxllm.bench_report import format_row, markdown, write_report
+from jaxllm.isolate import emit_row, run_row
+from jaxllm.config import ConfigError, validate
+from jaxllm.model.positions import POS_ENCODINGS
 from jaxllm.kernels import BACKENDS, resolve_backend
 from jaxllm.train import metrics as M
-from jaxllm.train.state import abstract_model, init_state
+from jaxllm.model.transformer import abstract_model
+from jaxllm.state import init_state
 from jaxllm.train.step import jit_train_step
 
 # GPT-3 / MosaicML shapes: name -> (d_model, n_layers, n_heads).
@@ -41,13 +43,7 @@ SIZES = {"124m": (768, 12, 12), "350m": (1024, 24, 16), "760m": (1536, 24, 16),
 GPT2_VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64 (nanoGPT)
 TINY = {"sizes": ["tiny"], "seq_lens": [64, 128], "pos": ["rope", "alibi"], "batch": 2,
         "steps": 3, "warmup": 1, "vocab": 256}
-# Anchor: GPT-2 124M, T=1024, batch 16 per device, bf16, both measured side by side on one H200
-# (nanoGPT with torch.compile, and plain JAX with cuDNN attention, untuned).
-NANOGPT_ANCHOR = [
-    {"system": "nanoGPT, torch.compile", "tokens_per_s_per_device": 488170, "mfu": 0.424},
-    {"system": "plain JAX, cuDNN attention, no tuning", "tokens_per_s_per_device": 355248,
-     "mfu": 0.309},
-]
+
 
 
 def parse_size(name: str) -> tuple[int, int, int]:
@@ -200,30 +196,6 @@ def _failure(cfg, name: str, err: str) -> dict:
     return {**row, "status": status, "error": err.strip().splitlines()[0][:300] if err else ""}
 
 
-_PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
-_parent_env: dict = {}
-
-
-def keep_parent_light() -> None:
-    """Call before JAX starts when configurations run in subprocesses: the parent only plans
-    and collects rows, so it must not preallocate accelerator memory (JAX takes 75% of a GPU
-    by default) that the children need. Children get the caller's original setting."""
-    if not _parent_env:
-        _parent_env[_PREALLOCATE] = os.environ.get(_PREALLOCATE)
-        os.environ[_PREALLOCATE] = "false"
-
-
-def _child_env() -> dict:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where jaxllm is
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
-    if _parent_env:
-        env.pop(_PREALLOCATE, None)
-        if _parent_env[_PREALLOCATE] is not None:
-            env[_PREALLOCATE] = _parent_env[_PREALLOCATE]
-    return env
-
-
 def measure_safely(cfg, steps: int, warmup: int, name: str = "", isolate: bool = False):
     """`measure` in this process (errors become rows) or in a fresh subprocess."""
     if not isolate:
@@ -235,15 +207,8 @@ def measure_safely(cfg, steps: int, warmup: int, name: str = "", isolate: bool =
             jax.clear_caches()
     spec = json.dumps({"config": cfg.to_dict(), "steps": steps, "warmup": warmup,
                        "name": name})
-    proc = subprocess.run([sys.executable, "-m", "jaxllm.benchmark", spec],
-                          check=False, capture_output=True, text=True, env=_child_env())
-    for line in proc.stdout.splitlines():
-        if line.startswith("BENCH_ROW "):
-            return json.loads(line[len("BENCH_ROW "):])
-    tail = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    err = next((ln for ln in reversed(tail) if "Error" in ln or "RESOURCE" in ln),
-               tail[-1] if tail else f"exit status {proc.returncode}")
-    return _failure(cfg, name, err)
+    row, err = run_row("jaxllm.benchmark", spec)
+    return row if row is not None else _failure(cfg, name, err)
 
 
 def grid(base, sizes, seq_lens, pos_list, backends, batch=0, tokens_per_batch=0,
@@ -307,59 +272,12 @@ def run(base, sizes, seq_lens, pos_list, backends, *, batch=0, tokens_per_batch=
     return report
 
 
-def write_report(report: dict, md: str, out_dir: str, name: str) -> None:
-    """DIR/NAME.json (the report) and DIR/NAME.md (its table)."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-        f.write(md)
-
-
-def _gib(x):
-    return "n/a" if x is None else f"{x / 2**30:.2f} GiB"
-
-
-COLUMNS = ("model", "params", "seq len", "pos", "attn", "global batch", "tokens/s/device",
-           "MFU", "step ms", "peak mem", "XLA mem est", "attn FLOPs")
-
-
-def _cells(r: dict) -> list[str]:
-    head = [r["model"], f"{r['params'] / 1e6:.1f}M",
-            str(r["seq_len"]), r["pos_encoding"], r["attention_impl"], str(r["global_batch"])]
-    share = f"{100 * r['attention_flops_share']:.1f}%"
-    if r["status"] != "ok":
-        return head + [f"{r['status']}: {r.get('error', '')}"[:60]] + [""] * 4 + [share]
-    return head + [f"{r['tokens_per_s_per_device']:,.0f}",
-                   "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
-                   f"{r['step_ms']:.1f}", _gib(r["peak_memory_bytes"]),
-                   _gib(r["compiled_memory_bytes"]), share]
-
-
-def format_row(r: dict) -> str:
-    return "  ".join(f"{c}={v}" for c, v in zip(COLUMNS, _cells(r), strict=True) if v)
-
-
-def markdown(report: dict) -> str:
-    """The llm-foundry-shaped table (one row per configuration) plus the run's facts."""
-    meta = report["meta"]
-    head = (f"Throughput on {meta['devices']} x {meta['device_kind']} ({meta['platform']}), "
-            f"jax {meta['jax']}, median of {meta['steps']} steps after {meta['warmup']} "
-            f"warm-up steps, {meta['date']}. MFU: {meta['mfu_formula']}; n/a where the "
-            "device's peak is unknown. Peak memory: device.memory_stats(), n/a where the "
-            "platform reports none.")
-    lines = [head, "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in report["rows"]]
-    return "\n".join(lines) + "\n"
-
-
 def _child(spec_json: str) -> None:
     """Subprocess entry of `measure_safely(isolate=True)`: one row as a JSON line."""
     spec = json.loads(spec_json)
     cfg = ConfigDict(spec["config"])
     row = measure(cfg, spec["steps"], spec["warmup"], spec["name"])
-    print("BENCH_ROW " + json.dumps(row), flush=True)
+    emit_row(row)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def bytes_per_token(cfg, sample_bytes: int = 4_000_000) -> float:
     import numpy as np
 
     from jaxllm.data.pipeline import load_split
-    from jaxllm.train.loop import resolve
+    from jaxllm.data.resolve import resolve
 
     cfg = copy.deepcopy(cfg)
     tokenizer = resolve(cfg)
@@ -70,8 +70,8 @@ def model_flops_per_token(cfg) -> float:
     from flax import nnx
 
     from jaxllm.train import metrics
-    from jaxllm.train.loop import resolve
-    from jaxllm.train.state import abstract_model
+    from jaxllm.data.resolve import resolve
+    from jaxllm.model.transformer import abstract_model
 
     cfg = copy.deepcopy(cfg)
     resolve(cfg)

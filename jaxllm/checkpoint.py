@@ -33,8 +33,9 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
-from jaxllm.config import ConfigError
+from jaxllm.config import ConfigError, get_key
 
 log = logging.getLogger("jaxllm")
 
@@ -121,30 +122,52 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"])
 
-    def restore(self, abstract_state, data_iter, data_ok=lambda meta: True) -> Restored:
-        """Restore the newest readable step. The iterator state is restored into `data_iter`
-        only where `data_ok(meta)` (same data layout); otherwise the caller repositions it."""
+    def _newest_readable(self, candidates, read, hint: str = ""):
+        """(step, read(step), [(bad step, reason)]): the first of `candidates` (newest
+        first) that `read` restores; an unreadable step is reported and the next tried."""
         bad = []
-        for s in reversed(self.steps()):
+        for s in candidates:
             try:
-                meta = self.read_meta(s)
-                use_data = bool(data_ok(meta))
-                items = {"state": ocp.args.StandardRestore(abstract_state)}
-                if use_data:
-                    items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-                out = self.manager.restore(s, args=ocp.args.Composite(**items))
+                return s, read(s), bad
             except Exception as e:  # noqa: BLE001 - a torn step: warn, try the previous one
                 log.warning("checkpoint step %d in %s is unreadable (%s); trying an older one",
                             s, self.directory, _reason(e))
                 bad.append((s, _reason(e)))
-                continue
-            moved = self._quarantine([b for b, _ in bad]) if bad else {}
-            return Restored(s, out["state"], meta, use_data,
-                            [(b, r, moved.get(b)) for b, r in bad])
         raise CheckpointError(
             f"{self.directory}: no checkpoint could be restored ("
-            + "; ".join(f"step {s}: {m}" for s, m in bad) + "); nothing was changed. Move "
-            "the checkpoints away to start from scratch, or use another --workdir")
+            + "; ".join(f"step {s}: {m}" for s, m in bad) + ")" + hint)
+
+    def restore(self, abstract_state, data_iter, data_ok=lambda meta: True) -> Restored:
+        """Restore the newest readable step. The iterator state is restored into `data_iter`
+        only where `data_ok(meta)` (same data layout); otherwise the caller repositions it.
+        Unreadable newer steps are moved aside once an older one restores."""
+        def read(s):
+            meta = self.read_meta(s)
+            use_data = bool(data_ok(meta))
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            if use_data:
+                items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+            return meta, use_data, self.manager.restore(s, args=ocp.args.Composite(**items))
+
+        s, (meta, use_data, out), bad = self._newest_readable(
+            reversed(self.steps()), read, "; nothing was changed. Move the checkpoints away "
+            "to start from scratch, or use another --workdir")
+        moved = self._quarantine([b for b, _ in bad]) if bad else {}
+        return Restored(s, out["state"], meta, use_data,
+                        [(b, r, moved.get(b)) for b, r in bad])
+
+    def restore_params(self, abstract_params, step: int | None = None):
+        """(step, params) of `step` or the newest readable step: only the parameters are
+        read (no optimizer state, no data iterator), onto the shardings `abstract_params`
+        carries. Read-only: unreadable steps are reported, never moved."""
+        target = {"params": abstract_params}
+        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+        candidates = [step] if step is not None else list(reversed(self.steps()))
+        s, out, _ = self._newest_readable(
+            candidates, lambda s: self.manager.restore(s, args=args))
+        return s, out["state"]["params"]
 
     def _quarantine(self, steps: list[int]) -> dict:
         """Move unreadable steps to DIR/corrupt/ (process 0), out of Orbax's view."""
@@ -163,7 +186,6 @@ class Checkpointer:
                         f"aside ({e}); move or delete it by hand, then rerun") from None
                 log.warning("moved unreadable checkpoint step %d to %s", s, dest)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("jaxllm_checkpoint_quarantine")
         self.manager.reload()
         return moved
@@ -194,3 +216,15 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
+
+
+# what a checkpoint's `meta` records of the data layout; resuming with all of them unchanged
+# restores the data iterator exactly (`train/resume.py`)
+LAYOUT_KEYS = ("data.seq_len", "data.packing", "data.path", "data.mixture")
+
+
+def data_meta(cfg, samples_seen: int) -> dict:
+    """What a checkpoint records about the data position, besides the iterator state."""
+    return {"process_count": jax.process_count(), "global_batch": cfg.train.batch_size,
+            "samples_seen": int(samples_seen),
+            **{k: get_key(cfg, k) for k in LAYOUT_KEYS}}

@@ -41,7 +41,7 @@ import os
 
 from ml_collections import ConfigDict
 
-from jaxllm.config import ConfigError, validate
+from jaxllm.config import ConfigError, set_key, unknown_key, validate
 from jaxllm.eval.evaluate import LM_EVAL_COLUMNS
 
 log = logging.getLogger("jaxllm")
@@ -86,15 +86,10 @@ def restrict(grid: dict, only: dict[str, list[str]]) -> dict:
 
 
 def _set(cfg: ConfigDict, key: str, value) -> None:
-    node, *parts = key.split(".")
-    target = cfg
-    for part in [node, *parts[:-1]]:
-        if part not in target:
-            raise ConfigError(f"grid: unknown config key {key!r}")
-        target = target[part]
-    if parts[-1] not in target:
-        raise ConfigError(f"grid: unknown config key {key!r}")
-    target[parts[-1]] = value
+    msg = unknown_key(cfg, key)
+    if msg:
+        raise ConfigError(f"grid: unknown config key {key!r} ({msg.split('; ', 1)[1]})")
+    set_key(cfg, key, value)
 
 
 def cells(grid: dict) -> list[tuple[str, dict, dict]]:
@@ -229,7 +224,7 @@ def run_cell(run: Run, workdir: str, ev: dict, sweep: bool = False) -> dict:
     """Train (unless finished) and evaluate (unless done) one run; returns its row."""
     from jaxllm.eval.evaluate import evaluate
     from jaxllm.eval.report import summarize
-    from jaxllm.eval.restore import load_run
+    from jaxllm.run import load_run
     from jaxllm.train.loop import train
 
     cached = _cached(workdir, run)

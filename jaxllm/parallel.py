@@ -20,6 +20,7 @@ slice of the global batch (`global_batch`), and the compiled step sees one globa
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import re
@@ -63,7 +64,6 @@ def _tpu_vm(env) -> bool:
     """A Cloud TPU VM: its runtime variables, or TPU device files with libtpu installed."""
     if any(env.get(k) for k in TPU_ENV):
         return True
-    import importlib.util
     return (os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")) and \
         importlib.util.find_spec("libtpu") is not None
 

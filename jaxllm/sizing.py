@@ -38,7 +38,8 @@ import jax
 import numpy as np
 
 from jaxllm import optim, parallel
-from jaxllm.config import resolved_d_ff
+from jaxllm.model.layers import resolved_d_ff
+from jaxllm.state import abstract_state
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -100,7 +101,6 @@ def activation_bytes(cfg, mesh_shape) -> dict:
 def report(cfg, n_devices: int) -> dict:
     """Per-device and global bytes of parameters, gradients, optimizer state and estimated
     activations of `cfg` (vocab_size resolved) on `n_devices` devices, nothing allocated."""
-    from jaxllm.train.state import abstract_state
 
     mesh = parallel.abstract_mesh(cfg, n_devices)
     shape = tuple(mesh.axis_sizes)

@@ -159,8 +159,9 @@ class _Worker:
 def compare(base, shapes=SHAPES, impls=IMPLS, *, rounds: int = 5, steps_per_round: int = 2,
             warmup: int = 2, out_dir: str = "", echo=print) -> dict:
     """Run every implementation at every shape, interleaved; return (and write) the report."""
-    from jaxllm.benchmark import _child_env, write_report
-    env = {**_child_env(), "JAX_PLATFORMS": "cpu"}
+    from jaxllm.bench_report import write_report
+    from jaxllm.isolate import child_env
+    env = {**child_env(), "JAX_PLATFORMS": "cpu"}
     load0 = os.getloadavg()
     rows = []
     for shape in shapes:

@@ -38,8 +38,8 @@ def tiny_cfg(mesh=(1, 1, 1), opt="adamw"):
 
 
 def build(cfg, n_devices):
-    from jaxllm.train.loop import resolve
-    from jaxllm.train.state import init_state
+    from jaxllm.data.resolve import resolve
+    from jaxllm.state import init_state
     resolve(cfg)
     mesh = parallel.make_mesh(cfg, jax.devices()[:n_devices])
     tx = optim.build_optimizer(cfg)
@@ -63,7 +63,7 @@ def train_losses(cfg, batches, n_devices):
 
 def meshes(opt):
     from jaxllm.data.pipeline import make_pipeline
-    from jaxllm.train.loop import resolve
+    from jaxllm.data.resolve import resolve
     base = tiny_cfg(opt=opt)
     tok = resolve(base)
     batches = list(itertools.islice(make_pipeline(base, tok, "train"), STEPS))
@@ -108,8 +108,8 @@ def init_memory():
     touches, against the largest parameter and its shard; and per-device output bytes."""
     import re
 
-    from jaxllm.train.loop import resolve
-    from jaxllm.train.state import abstract_state, init_fn
+    from jaxllm.data.resolve import resolve
+    from jaxllm.state import abstract_state, init_fn
     cfg = tiny_cfg((1, 8, 1))
     cfg.model.update(d_model=256, n_heads=8, n_layers=2, d_ff=1024)
     resolve(cfg)
@@ -135,8 +135,8 @@ def restore(dirs):
     (8,1,1) mesh (another layout than it was saved with); report step and param diffs."""
     import orbax.checkpoint as ocp
 
-    from jaxllm.train.loop import resolve
-    from jaxllm.train.state import abstract_state
+    from jaxllm.data.resolve import resolve
+    from jaxllm.state import abstract_state
     cfg = tiny_cfg((8, 1, 1))
     resolve(cfg)
     mesh = parallel.make_mesh(cfg)

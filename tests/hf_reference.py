@@ -1,5 +1,6 @@
-"""A numpy forward pass of Hugging Face Llama, GPT-2 and MPT, written from transformers'
-modeling files (not from jaxllm): the torch-free yardstick for the exported tensors."""
+"""A numpy forward pass of Hugging Face Llama (and Mistral / Qwen2: the same block, biases
+where the tensors have them), GPT-2 and MPT, written from transformers' modeling files (not
+from jaxllm): the torch-free yardstick for the exported tensors."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def forward(hf: dict, t: dict, ids) -> np.ndarray:
     ids = np.asarray(ids)
     n = len(ids)
     fam = hf["model_type"]
-    if fam == "llama":
+    if fam in ("llama", "mistral", "qwen2"):  # one modeling file each, the same math
         d, h = hf["hidden_size"], hf["num_attention_heads"]
         kv, hd, eps = hf["num_key_value_heads"], hf["head_dim"], hf["rms_norm_eps"]
         act = ACT[hf["hidden_act"]]

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_eval_utils import corpus_texts, write_jsonl
+from tests.fixtures import corpus_texts, write_jsonl
 
 from jaxllm import experiments as ex
 
@@ -19,11 +19,11 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 GRID = '''
 import sys
 sys.path.insert(0, {tests!r})
-from test_eval_utils import tiny_cfg
+from tests.fixtures import tiny_eval_cfg
 
 
 def get_grid(arg=None):
-    c = tiny_cfg()
+    c = tiny_eval_cfg()
     c.data.path = {data!r}
     c.data.eval_fraction = 0.2
     {setup}
@@ -129,11 +129,11 @@ def test_shipped_grid_and_errors(tmp_path, capsys):
 
 
 def test_grid_tokenizers_trained_once(tmp_path):
-    from test_eval_utils import tiny_cfg
+    from tests.fixtures import tiny_eval_cfg
 
     from jaxllm.config import ConfigError
     from jaxllm.data.tokenizers import load_tokenizer
-    base = tiny_cfg()
+    base = tiny_eval_cfg()
     base.data.path = write_jsonl(tmp_path / "c.jsonl", corpus_texts())
     grid = {"base": base, "eval": {},
             "axes": {"tok": {"byte": {"data.tokenizer": "byte"},

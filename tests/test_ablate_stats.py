@@ -117,7 +117,7 @@ def _param_count_no_pos(cfg):
     from flax import nnx
 
     from jaxllm.model.transformer import Transformer
-    from jaxllm.train.loop import resolve
+    from jaxllm.data.resolve import resolve
     resolve(cfg)
     model = Transformer(cfg, nnx.Rngs(0))
     total = 0

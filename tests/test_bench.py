@@ -1,4 +1,5 @@
-"""Throughput benchmark (tools/bench.py), chunked cross-entropy, FLOPs share, device prefetch."""
+"""Throughput benchmark (tools/bench.py, jaxllm/benchmark.py): rows, tables, FLOPs share,
+failures as rows, subprocess isolation."""
 
 from __future__ import annotations
 
@@ -7,21 +8,15 @@ import os
 import subprocess
 import sys
 
-import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
+from jaxllm import bench_report, isolate, optim, parallel
 from jaxllm import benchmark as B
-from jaxllm import optim, parallel
-from jaxllm.config import ConfigError, defaults, tiny
-from jaxllm.model.transformer import Transformer
+from jaxllm.config import ConfigError, defaults
+from jaxllm.state import abstract_state
 from jaxllm.train import metrics as M
-from jaxllm.train.prefetch import DevicePrefetch
-from jaxllm.train.state import ModelDef, abstract_state
-from jaxllm.train.step import chunk_size, forward_sums, make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Faster CPU compiles for the subprocess; the numbers it times are not checked.
@@ -33,6 +28,20 @@ def _bench(*args, cwd=ROOT):
     return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), *args],
                           check=False, capture_output=True, text=True, env=env, cwd=cwd,
                           timeout=600)
+
+
+def _table(md: str) -> list[dict]:
+    """The rows of the markdown table in `md` as {column: cell}; every row has one cell per
+    column of the header."""
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head == list(bench_report.COLUMNS) and set(lines[1]) <= set("|-")
+    out = []
+    for ln in lines[2:]:
+        cells = [c.strip() for c in ln.strip().removeprefix("|").removesuffix("|").split(" | ")]
+        assert len(cells) == len(head), ln
+        out.append(dict(zip(head, cells, strict=True)))
+    return out
 
 
 def gpt_params_by_hand(d, n_layers, vocab):
@@ -73,14 +82,16 @@ def test_bench_tiny_writes_table_json_markdown(tmp_path):
         assert abs(x["loss"] - np.log(256)) < 0.1  # uniform random tokens: loss ~ ln V
         assert x["attention_impl"] == "xla" and x["dtype"] == "bfloat16"
     assert rows[1]["attention_flops_share"] > rows[0]["attention_flops_share"]
-    md = (out / "bench.md").read_text()
-    header = ("| model | params | seq len | pos | attn | global batch | tokens/s/device | MFU "
-              "| step ms | peak mem | XLA mem est | attn FLOPs |")
-    assert header in md and md.count("\n| tiny |") == 2
-    cells = [ln.split(" | ") for ln in md.splitlines() if ln.startswith("| tiny | 0.1M | 64 |")]
-    assert len(cells) == 1 and cells[0][3:6] == ["rope", "xla", "2"]
-    assert cells[0][7] == "n/a" and cells[0][9] == "n/a" and cells[0][11] == "12.3% |"
-    assert header in r.stdout
+    table = _table((out / "bench.md").read_text())
+    assert len(table) == len(rows)  # one table row per configuration, same values
+    for x, cell in zip(rows, table, strict=True):
+        assert (cell["seq len"], cell["pos"], cell["attn"], cell["global batch"]) == (
+            str(x["seq_len"]), x["pos_encoding"], x["attention_impl"], str(x["global_batch"]))
+        assert cell["MFU"] == "n/a" and cell["peak mem"] == "n/a"  # unknown on CPU
+        assert cell["attn FLOPs"] == f"{100 * x['attention_flops_share']:.1f}%"
+        assert float(cell["tokens/s/device"].replace(",", "")) == pytest.approx(
+            x["tokens_per_s_per_device"], abs=0.5)
+    assert _table(r.stdout[r.stdout.index("| model |"):]) == table  # printed as well
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -150,122 +161,6 @@ def test_attention_flops_share_by_hand():
         8 * attn / (6 * n + 8 * attn), rel=1e-12)
 
 
-def test_chunk_size():
-    assert [chunk_size(64, c) for c in (0, 16, 24, 64, 100, 1)] == [64, 16, 16, 64, 64, 1]
-    assert chunk_size(1000, 384) == 250 and chunk_size(97, 10) == 1
-
-
-def test_chunked_cross_entropy_equals_unchunked_and_saves_memory():
-    """Loss and gradients (with z-loss) agree within float32 tolerance, and the chunked
-    backward pass never holds the [B, T, V] float32 logits: XLA's temporary memory for it
-    is below the size of those logits, while the unchunked one's is above."""
-    cfg = tiny()
-    cfg.model.update(d_model=16, n_layers=1, n_heads=2, vocab_size=4096, dtype="float32")
-    b, t, v = 2, 128, 4096
-    cfg.data.seq_len = t
-    model = Transformer(cfg, nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-    md, params = ModelDef(graphdef, cfg), nnx.to_pure_dict(params)
-    rng = np.random.default_rng(0)
-    seg = np.ones((b, t), np.int32)
-    seg[1, 100:] = 0  # padding: excluded by the weights
-    batch = {"inputs": jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32),
-             "targets": jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32),
-             "segment_ids": jnp.asarray(seg),
-             "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))}
-
-    def loss(p, chunk):
-        nll, z, _, w = forward_sums(md, p, batch, chunk)
-        return (nll + 1e-2 * z) / w.sum()
-
-    out, temp = {}, {}
-    for chunk in (0, 16):
-        f = jax.jit(jax.value_and_grad(lambda p, c=chunk: loss(p, c)))
-        compiled = f.lower(params).compile()
-        temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
-        out[chunk] = compiled(params)
-    (l0, g0), (l1, g1) = out[0], out[16]
-    np.testing.assert_allclose(l1, l0, rtol=1e-6)
-    for a, c in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
-        np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-7)
-    logits_bytes = b * t * v * 4
-    assert temp[16] < logits_bytes < temp[0], (temp, logits_bytes)
-
-
-def _host_iter(n=50):
-    ds = grain.MapDataset.range(n).map(lambda i: {"x": np.full((2, 3), i, np.int32)})
-    return iter(ds.to_iter_dataset())
-
-
-def test_device_prefetch_order_lookahead_and_checkpoint_state(tmp_path):
-    puts = []
-
-    def put(local):
-        puts.append(int(local["x"][0, 0]))
-        return {k: jnp.asarray(x) for k, x in local.items()}
-
-    it = DevicePrefetch(_host_iter(), put, size=1)
-    got = [int(next(it)["x"][0, 0]) for _ in range(3)]
-    assert got == [0, 1, 2] and puts == [0, 1, 2, 3]  # batch 3 already on device
-    assert isinstance(next(iter([it])), grain.DatasetIterator)
-    # checkpoint through grain's Orbax handler: the saved state is "after batch 2"
-    handler = grain.checkpoint.CheckpointHandler()
-    handler.save(tmp_path, args=grain.checkpoint.CheckpointSave(it))
-    fresh = DevicePrefetch(_host_iter(), put, size=2)
-    handler.restore(tmp_path, args=grain.checkpoint.CheckpointRestore(fresh))
-    assert [int(next(fresh)["x"][0, 0]) for _ in range(3)] == [3, 4, 5]
-    plain = _host_iter()
-    plain.set_state(it.get_state())
-    assert int(next(plain)["x"][0, 0]) == 3
-    # set_state drops what was queued ahead; size 0 transfers on demand only
-    it.set_state(fresh.get_state())
-    assert int(next(it)["x"][0, 0]) == 6
-    puts.clear()
-    lazy = DevicePrefetch(_host_iter(4), put, size=0)
-    assert [int(b["x"][0, 0]) for b in lazy] == [0, 1, 2, 3] and puts == [0, 1, 2, 3]
-    with pytest.raises(ValueError, match="prefetch size must be >= 0"):
-        DevicePrefetch(_host_iter(), put, size=-1)
-
-
-def _eqns(jaxpr):
-    for e in jaxpr.eqns:
-        yield e
-        for p in e.params.values():
-            for sub in p if isinstance(p, (list, tuple)) else [p]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _eqns(inner)
-
-
-@pytest.mark.parametrize("remat,loss_chunk,policies", [
-    ("none", 0, []),  # one logits chunk: computed directly, nothing recomputed
-    ("none", 16, ["None"]),  # only the chunked loss's checkpoint
-    ("dots_no_batch", 16, ["DotsSaveable(only_if_no_batch_dims=True)", "None"]),
-    ("dots_no_batch", 0, ["DotsSaveable(only_if_no_batch_dims=True)"]),
-])
-def test_train_step_remat_policy_and_bf16_matmuls(remat, loss_chunk, policies):
-    """The traced train step checkpoints the scanned block with the configured policy and
-    each logits chunk when there are several, and with model.dtype=bfloat16 no matmul runs
-    with two float32 operands."""
-    cfg = B.bench_config(defaults(), "tiny", 32, "rope", "xla", 2, 256)
-    cfg.model.remat = remat
-    cfg.train.loss_chunk = loss_chunk
-    mesh = parallel.make_mesh(cfg, jax.devices()[:1])
-    tx = optim.build_optimizer(cfg)
-    model_def, tree, _ = abstract_state(cfg, mesh, tx)
-    batch = {k: jax.ShapeDtypeStruct((2, 32), jnp.int32)
-             for k in ("inputs", "targets", "segment_ids", "positions")}
-    with parallel.activate(cfg, mesh):
-        jaxpr = jax.make_jaxpr(make_train_step(cfg, model_def, tx))(tree, batch)
-    eqns = list(_eqns(jaxpr.jaxpr))
-    found = sorted(str(e.params["policy"]) for e in eqns if e.primitive.name == "remat2")
-    assert found == policies
-    dots = [tuple(str(v.aval.dtype) for v in e.invars) for e in eqns
-            if e.primitive.name == "dot_general"]
-    assert dots.count(("bfloat16", "bfloat16")) >= 10
-    assert ("float32", "float32") not in dots
-
-
 def test_failed_configurations_become_rows(monkeypatch):
     """Out of memory and other runtime failures are rows with a status, in-process and in
     an isolated subprocess; the static columns (parameters, attention share) stay filled."""
@@ -277,57 +172,32 @@ def test_failed_configurations_become_rows(monkeypatch):
     row = B.measure_safely(cfg, 1, 0, "tiny")
     assert row["status"] == "oom" and row["error"].startswith("RuntimeError: RESOURCE_EXH")
     assert row["params"] == gpt_params_by_hand(64, 2, 256) and row["seq_len"] == 32
-    md = B.markdown({"meta": {"devices": 1, "device_kind": "cpu", "platform": "cpu",
+    md = bench_report.markdown({"meta": {"devices": 1, "device_kind": "cpu", "platform": "cpu",
                               "jax": "x", "steps": 1, "warmup": 0, "date": "d",
                               "mfu_formula": "f"}, "rows": [row]})
-    assert "| tiny | 0.1M | 32 | alibi | xla | 2 | oom: RuntimeError: RESOURCE_EXH" in md
-    assert md.rstrip().endswith("|  |  |  |  | 6.6% |")
+    (cell,) = _table(md)
+    assert (cell["seq len"], cell["pos"], cell["attn"]) == ("32", "alibi", "xla")
+    assert cell["tokens/s/device"].startswith("oom: RuntimeError: RESOURCE_EXH")
+    assert all(cell[c] == "" for c in ("MFU", "step ms", "peak mem", "XLA mem est"))
+    assert cell["attn FLOPs"] == f"{100 * row['attention_flops_share']:.1f}%"  # static
     bad = B.bench_config(defaults(), "tiny", 32, "rope", "xla", 3, 256)
     bad.train.grad_accum = 2  # 3 sequences cannot split into 2 micro-batches: child fails
     row = B.measure_safely(bad, 1, 0, "tiny", isolate=True)
     assert row["status"] == "error" and "train.batch_size: 3 must be divisible" in row["error"]
 
 
-def test_resume_through_device_prefetch_matches_uninterrupted(tmp_path):
-    """The loop prefetches the next batch to the device; a checkpoint still records the data
-    position of the last batch trained on, so stop + resume gives the same losses."""
-    from conftest import tiny_cfg
-
-    from jaxllm.train.loop import train
-
-    def cfg(steps):
-        c = tiny_cfg()
-        c.model.vocab_size = 0
-        c.optim.schedule = "constant"  # the lr must not depend on train.steps here
-        c.train.update(steps=steps, log_every=1, eval_every=0)
-        c.checkpoint.every = 0
-        return c
-
-    def losses(wd):
-        rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["loss"] for r in rows if r.get("split") == "train"}
-
-    a, b = tmp_path / "a", tmp_path / "b"
-    train(cfg(8), str(a))
-    train(cfg(4), str(b))
-    train(cfg(8), str(b))
-    la, lb = losses(a), losses(b)
-    assert sorted(lb) == list(range(1, 9))
-    assert [la[s] for s in range(1, 9)] == [lb[s] for s in range(1, 9)]
-
-
 def test_parent_leaves_device_memory_to_isolated_children(monkeypatch):
     monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
-    monkeypatch.setattr(B, "_parent_env", {})
-    B.keep_parent_light()
+    monkeypatch.setattr(isolate, "_parent_env", {})
+    isolate.keep_parent_light()
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
-    env = B._child_env()
+    env = isolate.child_env()
     assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
     assert ROOT in env["PYTHONPATH"].split(os.pathsep)
     monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE")
-    monkeypatch.setattr(B, "_parent_env", {})
-    B.keep_parent_light()
-    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in B._child_env()
+    monkeypatch.setattr(isolate, "_parent_env", {})
+    isolate.keep_parent_light()
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in isolate.child_env()
 
 
 def test_vs_torch_smoke_tiny(tmp_path):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.fault_tools import events, rows, tiny_cfg, train_rows, use_jit_cache
+from tests.fixtures import events, rows, tiny_cfg, train_rows, use_jit_cache
 
 _jit_cache = pytest.fixture(scope="module", autouse=True)(use_jit_cache)
 

@@ -4,7 +4,7 @@ import importlib.util
 import os
 
 import pytest
-from conftest import run_cli
+from tests.fixtures import run_cli
 
 from jaxllm.config import ConfigError, defaults, tiny, validate
 
@@ -62,7 +62,7 @@ def test_presets_match_their_names():
     import importlib.util
 
     import jax
-    from conftest import ROOT
+    from tests.fixtures import ROOT
     from flax import nnx
 
     from jaxllm.model.transformer import Transformer
@@ -83,7 +83,7 @@ def test_presets_match_their_names():
     assert 1.25e9 < llama < 1.45e9, llama
     mpt = load("mpt_style")
     assert (mpt.model.pos_encoding, mpt.model.activation, mpt.model.norm, mpt.model.use_bias) == (
-        "alibi", "gelu", "layernorm", False)
+        "alibi", "gelu_exact", "layernorm", False)  # MPT's exact GELU: exports as MPT
     del jax
 
 
@@ -102,10 +102,10 @@ def test_wandb_logging_path_with_a_stub_module(tmp_path, monkeypatch):
     import sys
     import types
 
-    from conftest import tiny_cfg
+    from tests.fixtures import tiny_model_cfg
 
     from jaxllm.train.loop import train
-    from tests.fault_tools import rows as metrics_rows
+    from tests.fixtures import rows as metrics_rows
 
     calls = []
     stub = types.ModuleType("wandb")
@@ -123,7 +123,7 @@ def test_wandb_logging_path_with_a_stub_module(tmp_path, monkeypatch):
         return Run()
     stub.init = init
     monkeypatch.setitem(sys.modules, "wandb", stub)
-    cfg = tiny_cfg()
+    cfg = tiny_model_cfg()
     cfg.train.update(steps=10, eval_every=5)
     cfg.log.update(wandb=True, wandb_project="proj")
     train(cfg, str(tmp_path))
@@ -135,3 +135,61 @@ def test_wandb_logging_path_with_a_stub_module(tmp_path, monkeypatch):
            for k, v in c[2].items() if k.endswith("/loss")]
     assert got == want and {s for s, split, _ in got if split == "eval"} == {5, 10}
     assert calls[-1] == ("finish",)
+
+
+def test_dotted_keys_one_walk():
+    """get_key / set_key / unknown_key: the one walk over dotted keys (CLI overrides,
+    ablation grids, resume checks, eval overrides all use it)."""
+    from jaxllm.config import get_key, set_key, unknown_key
+    cfg = tiny()
+    assert get_key(cfg, "model.d_model") == 128 and get_key(cfg, "mesh.rules")[0][0] == "batch"
+    set_key(cfg, "optim.lr", 0.5)
+    assert cfg.optim.lr == 0.5
+    assert get_key({"model": {"d_model": 7}}, "model.d_model") == 7  # a saved config.json
+    assert get_key({"model": {}}, "model.d_model", None) is None
+    assert unknown_key(cfg, "train.steps") is None
+    assert unknown_key(cfg, "train.nope").startswith(
+        "train.nope: unknown config key; keys under train: batch_size, ")
+    assert unknown_key(cfg, "nope.x").startswith("nope.x: unknown config key; keys under the "
+                                                 "top level: checkpoint, data, ")
+    assert "keys under model.d_model: none" in unknown_key(cfg, "model.d_model.x")
+    for bad in (lambda: set_key(cfg, "model.zz", 1), lambda: get_key(cfg, "zz.a")):
+        with pytest.raises(ConfigError, match="unknown config key"):
+            bad()
+    assert "zz" not in cfg.model
+
+
+def test_choices_are_the_registries_of_the_implementing_modules(monkeypatch):
+    """One source per choice: config validation reads the registry of the module that
+    implements it, so a backend added there is a valid config value at once."""
+    from jaxllm import config, kernels
+    from jaxllm.model import layers, transformer
+    from jaxllm.optim import build
+    want = {"model.attention_backend": kernels.BACKENDS, "model.remat": transformer.REMAT,
+            "model.activation": layers.ACTIVATIONS, "model.dtype": tuple(layers.DTYPES),
+            "optim.name": tuple(build._DEFAULTS), "optim.schedule": tuple(build.SCHEDULES)}
+    for key, reg in want.items():
+        sec, name = key.split(".")
+        assert config.choices(config.SCHEMA[sec][name].choices) == tuple(reg), key
+    for sec, keys in config.SCHEMA.items():  # every default is one of its choices
+        for name, spec in keys.items():
+            if spec.choices is not None:
+                assert spec.default in config.choices(spec.choices), (sec, name)
+    cfg = tiny()
+    cfg.model.attention_backend = "mine"
+    with pytest.raises(ConfigError, match="model.attention_backend: got 'mine'; allowed: "
+                       + ", ".join(kernels.BACKENDS) + "$"):
+        validate(cfg)
+    monkeypatch.setattr(kernels, "BACKENDS", (*kernels.BACKENDS, "mine"))
+    config.choices.cache_clear()
+    try:
+        validate(cfg)
+    finally:
+        config.choices.cache_clear()
+
+
+def test_reference_table_has_a_row_per_schema_key():
+    from jaxllm.config import SCHEMA, reference_markdown
+    rows = reference_markdown().splitlines()[2:]
+    assert [r.split("`")[1] for r in rows] == [f"{s}.{k}" for s in SCHEMA for k in SCHEMA[s]]
+    assert len(rows) == sum(len(v) for v in defaults().values())

@@ -2,7 +2,7 @@
 
 import re
 
-from conftest import ROOT
+from tests.fixtures import ROOT
 
 from jaxllm.config import reference_markdown
 

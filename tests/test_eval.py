@@ -12,7 +12,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_eval_utils import (
+from tests.fixtures import (
     corpus_texts,
     random_run,
     ref_continuation,
@@ -23,7 +23,7 @@ from test_eval_utils import (
 )
 
 from jaxllm.eval import bpb, extrapolation, harness
-from jaxllm.eval.restore import load_run
+from jaxllm.run import load_run
 from jaxllm.eval.scoring import Scorer
 
 EVAL_TEXTS = [
@@ -264,9 +264,9 @@ def test_cli_eval_table_json_and_errors(trained, tmp_path, capsys):
     (tmp_path / "empty" / "config.json").write_text((root / "run" / "config.json").read_text())
     for args, msg in [
         ([f"--workdir={tmp_path / 'missing'}"], "is not a directory"),
-        ([f"--workdir={tmp_path}"], "config.json not found"),
+        ([f"--workdir={tmp_path}"], "config.json: not found"),
         ([f"--workdir={tmp_path / 'empty'}"], "no checkpoints in"),
-        ([f"--workdir={root / 'run'}", "--step=7"], "--step: 7 not in the checkpoints"),
+        ([f"--workdir={root / 'run'}", "--step=7"], "--step: 7 is not among the checkpoints"),
         ([f"--workdir={root / 'run'}", "--tasks=nope.jsonl"], "--tasks: nope.jsonl"),
         ([f"--workdir={root / 'run'}", "--packing=maybe"], "--packing"),
         ([f"--workdir={root / 'run'}", "--batch_size=0"], "--batch_size"),

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.fault_tools import ROOT, env, events, flags, tiny_cfg, train_rows, use_jit_cache
+from tests.fixtures import ROOT, env, events, flags, tiny_cfg, train_rows, use_jit_cache
 
 _jit_cache = pytest.fixture(scope="module", autouse=True)(use_jit_cache)
 
@@ -18,8 +18,8 @@ def _setup(**overrides):
     from jaxllm import optim, parallel
     from jaxllm.data.pipeline import make_pipeline
     from jaxllm.data.tokenizers import load_tokenizer
-    from jaxllm.train.loop import resolve
-    from jaxllm.train.state import init_state
+    from jaxllm.data.resolve import resolve
+    from jaxllm.state import init_state
     cfg = tiny_cfg(**{"train.steps": 20, **overrides})
     resolve(cfg)
     mesh = parallel.make_mesh(cfg)
@@ -79,12 +79,13 @@ def _reference(losses, window, k, forced=()):
 
 
 def test_spike_guard_matches_numpy_reference():
+    from jaxllm.state import guard_init
     from jaxllm.train import guard
     cfg = tiny_cfg(**{"train.spike_window": 4, "train.spike_sigmas": 2.0})
     rng = np.random.default_rng(0)
     losses = 3.0 + 0.1 * rng.standard_normal(40)
     losses[[6, 7, 15, 30]] += [1.0, 0.9, 0.5, 2.0]  # spikes (two in a row at 6, 7)
-    g, got, skips = guard.init(cfg), [], 0
+    g, got, skips = guard_init(cfg), [], 0
     for x in losses:
         accept, flags, g = guard.decide(cfg, g, np.float32(x), np.float32(1.0))
         got.append(bool(accept))
@@ -98,9 +99,9 @@ def test_spike_guard_matches_numpy_reference():
     np.testing.assert_array_equal(np.sort(np.asarray(g["losses"])), np.sort(kept[-4:]))
     # non-finite loss: skipped even with the window not yet full; spike test off at k=0
     off = tiny_cfg(**{"train.spike_window": 4, "train.spike_sigmas": 0.0})
-    accept, flags, _ = guard.decide(off, guard.init(off), np.float32(np.nan), np.float32(1))
+    accept, flags, _ = guard.decide(off, guard_init(off), np.float32(np.nan), np.float32(1))
     assert not bool(accept) and int(flags["nonfinite"]) == 1
-    g = guard.init(off)
+    g = guard_init(off)
     for x in (1.0, 1.0, 1.0, 1.0, 100.0):
         accept, _, g = guard.decide(off, g, np.float32(x), np.float32(1.0))
         assert bool(accept)

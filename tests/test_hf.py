@@ -17,15 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_cfg
+from tests.fixtures import run_cli, tiny_model_cfg
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from jaxllm.config import ConfigError, validate
 from jaxllm.hf import export_hf, family, from_hf, import_hf, to_hf
-from jaxllm.hf.convert import byte_tokenizer_json, restore_params, write_tokenizer
+from jaxllm.hf.convert import restore_params
+from jaxllm.hf.tokenizer import byte_tokenizer_json, write_tokenizer
 from jaxllm.hf.mapping import blocks_of
-from jaxllm.train.state import ModelDef, abstract_model
+from jaxllm.model.transformer import ModelDef, abstract_model
 
 # name -> model keys; every family, tied/untied, GQA, biases, scanned and listed blocks
 VARIANTS = {
@@ -41,7 +42,14 @@ VARIANTS = {
                 use_bias=False),
     "mpt_6heads": dict(pos_encoding="alibi", activation="gelu_exact", norm="layernorm",
                        use_bias=False, d_model=48, n_heads=6, tie_embeddings=False),
+    "mistral": dict(pos_encoding="rope", activation="swiglu", norm="rmsnorm", use_bias=False,
+                    n_kv_heads=2, tie_embeddings=False),
+    "qwen2": dict(pos_encoding="rope", activation="swiglu", norm="rmsnorm", use_bias=False,
+                  qkv_bias=True, n_kv_heads=2, rope_base=1e6),
 }
+ARCH = {"mistral": "mistral"}  # the export's --arch where it is not the default
+HF_CLASS = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "mpt": "MptForCausalLM",
+            "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 class Model:
@@ -58,7 +66,7 @@ class Model:
 def make(name):
     """A validated config, a model and its parameters, every one random (non-zero biases and
     norm weights too, so a misplaced tensor cannot hide behind an init of 0 or 1)."""
-    cfg = tiny_cfg(**VARIANTS[name])
+    cfg = tiny_model_cfg(**VARIANTS[name])
     cfg.data.seq_len = 16
     validate(cfg)
 
@@ -77,9 +85,8 @@ def ids(n=16, seed=0):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_export_matches_numpy_reference_of_hf_semantics(name):
     cfg, model, params = make(name)
-    hf, tensors = to_hf(cfg, params)
-    assert hf["architectures"][0] == {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel",
-                                      "mpt": "MptForCausalLM"}[name.split("_")[0]]
+    hf, tensors = to_hf(cfg, params, arch=ARCH.get(name))
+    assert hf["architectures"][0] == HF_CLASS[name.split("_")[0]]
     x = ids()
     ref = np.asarray(model(jnp.asarray(x)))
     for b in range(2):
@@ -91,9 +98,11 @@ def test_export_matches_numpy_reference_of_hf_semantics(name):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_round_trip_gives_identical_parameters_and_logits(name):
     cfg, model, params = make(name)
-    hf, tensors = to_hf(cfg, params)
+    hf, tensors = to_hf(cfg, params, arch=ARCH.get(name))
     keys, back = from_hf(json.loads(json.dumps(hf)), tensors)
-    cfg2 = tiny_cfg(**VARIANTS[name])
+    assert (keys["use_bias"], keys["qkv_bias"]) == (cfg.model.use_bias, cfg.model.qkv_bias) \
+        or name.startswith("gpt2")  # GPT-2 always has biases (zeros for use_bias=false)
+    cfg2 = tiny_model_cfg(**VARIANTS[name])
     cfg2.data.seq_len = 16
     cfg2.model.update(keys)
     validate(cfg2)
@@ -102,7 +111,8 @@ def test_round_trip_gives_identical_parameters_and_logits(name):
     assert jax.tree.structure(want) == jax.tree.structure(back)
     jax.tree.map(lambda w, b: w.shape == b.shape or pytest.fail(f"{w.shape} {b.shape}"),
                  want, back)
-    if cfg.model.use_bias or name.startswith(("llama", "mpt")):  # no zero-filled biases
+    if cfg.model.use_bias or name.startswith(("llama", "mpt", "mistral", "qwen2")):
+        # no zero-filled biases
         assert jax.tree.structure(back) == jax.tree.structure(params)
         jax.tree.map(np.testing.assert_array_equal, back, params)
     x = jnp.asarray(ids())
@@ -132,12 +142,12 @@ def test_trim_vocab_keeps_logits_of_real_ids():
     (dict(pos_encoding="alibi", norm="layernorm", activation="gelu", use_bias=False),
      "activation must be gelu_exact, got gelu (jaxllm gelu is the tanh approximation)"),
     (dict(pos_encoding="alibi", norm="layernorm", activation="gelu_exact", use_bias=True),
-     "alibi needs norm=layernorm with use_bias=false (MPT)"),
+     "alibi needs norm=layernorm with use_bias=false, qkv_bias=false (MPT)"),
     (dict(pos_encoding="alibi", norm="layernorm", activation="gelu_exact", use_bias=False,
           d_ff=64), "MPT's MLP width is 4*d_model (128), got d_ff=64"),
 ])
 def test_inexpressible_models_are_refused_by_name(model, needle):
-    cfg = tiny_cfg(**model)
+    cfg = tiny_model_cfg(**model)
     with pytest.raises(ConfigError) as e:
         family(cfg.model)
     assert str(e.value).startswith("model: no transformers class can express this model: ")
@@ -152,7 +162,7 @@ def _hf(name="llama"):
 
 @pytest.mark.parametrize("edit,needle", [
     (lambda h, t: h.update(model_type="falcon"),
-     "model_type 'falcon' is not supported; allowed: llama, gpt2, mpt"),
+     "model_type 'falcon' is not supported; allowed: llama, mistral, qwen2, gpt2, mpt"),
     (lambda h, t: h.update(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}),
      "rope scaling 'llama3' is not supported"),
     (lambda h, t: h.update(hidden_act="gelu"), "hidden_act 'gelu' has no jaxllm equivalent"),
@@ -215,10 +225,18 @@ def test_trained_tokenizers_are_copied_with_their_special_ids(tmp_path, kind, na
     tok = load_tokenizer(spec)
     (tmp_path / "out").mkdir()
     got = write_tokenizer(spec, tmp_path / "out", 64)
-    assert got == {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
-    assert (tmp_path / "out" / name).read_bytes() == open(spec, "rb").read()
+    # the document separator (EOS) is what every encoded text starts with, so it is BOS
+    assert got == {"bos": tok.eos_id, "eos": tok.eos_id, "pad": tok.pad_id,
+                   "vocab": tok.vocab_size}
+    if name == "tokenizer.model":
+        assert (tmp_path / "out" / name).read_bytes() == open(spec, "rb").read()
+    else:  # the same tokenizer plus a post-processor that prepends the separator
+        from tokenizers import Tokenizer
+        hf_tok = Tokenizer.from_file(str(tmp_path / "out" / name))
+        assert hf_tok.encode("a b").ids == [tok.eos_id, *tok.encode("a b")]
     tcfg = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
-    assert tcfg["model_max_length"] == 64 and tcfg["add_bos_token"] is False
+    assert tcfg["model_max_length"] == 64 and tcfg["add_bos_token"] is True
+    assert tcfg["split_special_tokens"] is True and tcfg["bos_token"] == tcfg["eos_token"]
     again = load_tokenizer(str(tmp_path / "out" / name))
     text = "import json\n    x = {'a': 1}  # ü"
     assert again.encode(text) == tok.encode(text)
@@ -242,11 +260,11 @@ def test_checkpoint_round_trip_through_workdir(tmp_path, name):
     from jaxllm.checkpoint import Checkpointer
     from jaxllm.data.pipeline import make_pipeline
     from jaxllm.hf import load_workdir_config
-    from jaxllm.train.loop import resolve
-    from jaxllm.train.state import abstract_state
+    from jaxllm.data.resolve import resolve
+    from jaxllm.state import abstract_state
 
     cfg0, model, hf, tensors = _save_hf(name, tmp_path / "hf")
-    base = tiny_cfg(scan_layers=cfg0.model.scan_layers)
+    base = tiny_model_cfg(scan_layers=cfg0.model.scan_layers)
     base.data.seq_len = 16
     s = import_hf(tmp_path / "hf", tmp_path / "wd", base, tokenizer="byte")
     assert s["family"] == name.split("_")[0]
@@ -265,10 +283,14 @@ def test_checkpoint_round_trip_through_workdir(tmp_path, name):
     assert step == 0 and int(state["step"]) == 0
     x = jnp.asarray(ids())
     restored = jax.tree.map(np.asarray, state["params"])
-    np.testing.assert_array_equal(np.asarray(Model(cfg, restored)(x)), np.asarray(model(x)))
+    # the same logits for the tokenizer's 259 ids; the padding ids are masked (-inf)
+    assert cfg.model.vocab_used == 259
+    got = np.asarray(Model(cfg, restored)(x))
+    np.testing.assert_array_equal(got[..., :259], np.asarray(model(x))[..., :259])
+    assert np.all(got[..., 259:] == -np.inf)
     mu = jax.tree.leaves(state["opt_state"])
     assert all(float(jnp.abs(m).max()) == 0.0 for m in mu if m.ndim > 0)  # fresh moments
-    out = export_hf(tmp_path / "wd", tmp_path / "out")
+    out = export_hf(tmp_path / "wd", tmp_path / "out", keep_vocab_padding=True)
     assert out["step"] == 0
     again = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert sorted(again) == sorted(tensors)
@@ -276,7 +298,10 @@ def test_checkpoint_round_trip_through_workdir(tmp_path, name):
         np.testing.assert_array_equal(again[k], tensors[k])
     hf2 = json.loads((tmp_path / "out" / "config.json").read_text())
     assert {k: v for k, v in hf2.items() if not k.endswith("token_id")} == hf
-    assert (hf2["bos_token_id"], hf2["eos_token_id"], hf2["pad_token_id"]) == (257, 258, 256)
+    # every text starts with the document separator (EOS), which is therefore also BOS
+    assert (hf2["bos_token_id"], hf2["eos_token_id"], hf2["pad_token_id"]) == (258, 258, 256)
+    gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert gen["suppress_tokens"] == list(range(259, 384))  # kept padding: never generated
     assert json.loads((tmp_path / "out" / "jaxllm.json").read_text())["tokenizer"] == "byte"
 
 
@@ -285,12 +310,13 @@ def test_export_bfloat16_trimmed_and_parameters_only(tmp_path):
 
     from jaxllm.hf import load_workdir_config, read_hf
     _, _, hf, tensors = _save_hf("llama", tmp_path / "hf")
-    import_hf(tmp_path / "hf", tmp_path / "wd", tiny_cfg(), tokenizer="byte")
+    import_hf(tmp_path / "hf", tmp_path / "wd", tiny_model_cfg(), tokenizer="byte")
     step, params = restore_params(load_workdir_config(tmp_path / "wd"), tmp_path / "wd")
     assert step == 0 and set(params) == {"embed", "blocks", "ln_f"}
-    with pytest.raises(ConfigError, match=r"--step: 7 is not among the checkpoints \[0\]"):
+    with pytest.raises(ConfigError,
+                       match=r"--step: 7 is not among the checkpoints of .* \(available: 0\)"):
         restore_params(load_workdir_config(tmp_path / "wd"), tmp_path / "wd", step=7)
-    export_hf(tmp_path / "wd", tmp_path / "bf", dtype="bfloat16", trim_vocab=True, step=0)
+    export_hf(tmp_path / "wd", tmp_path / "bf", dtype="bfloat16", step=0)  # trimmed
     hf2, t2 = read_hf(tmp_path / "bf")
     assert hf2["torch_dtype"] == "bfloat16" and hf2["vocab_size"] == 259
     for k, x in tensors.items():
@@ -319,8 +345,12 @@ def test_clis_round_trip_and_error_contract(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "exported step 0 as MptForCausalLM" in r.stdout
     again = load_file(str(out / "model.safetensors"))
-    for k in tensors:
-        np.testing.assert_array_equal(again[k], tensors[k])
+    for k in tensors:  # the vocabulary cut to the tokenizer's 259 ids
+        want = tensors[k][:259] if k == "transformer.wte.weight" else tensors[k]
+        np.testing.assert_array_equal(again[k], want)
+    # ALiBi extrapolates: transformers may run 8 x the training length
+    assert json.loads((out / "config.json").read_text())["max_seq_len"] == 8 * 16
+    # exporting an imported export gives the same tokenizer (one document separator)
     assert (out / "tokenizer.json").read_text() == (tmp_path / "hf" / "tokenizer.json").read_text()
     # continued pre-training: jaxllm-train resumes the step-0 checkpoint; its first loss is
     # the loss of the original model on the first batch
@@ -335,8 +365,8 @@ def test_clis_round_trip_and_error_contract(tmp_path):
     loss = next(r["loss"] for r in rows if r.get("split") == "train")
     from jaxllm.data.pipeline import make_pipeline
     from jaxllm.hf import load_workdir_config
-    from jaxllm.train.loop import resolve
-    from jaxllm.train.step import forward_sums
+    from jaxllm.data.resolve import resolve
+    from jaxllm.model.loss import forward_sums
     cfg = load_workdir_config(wd)
     batch = next(iter(make_pipeline(cfg, resolve(cfg), "train", 0, 1)))
     nll, _, _, w = forward_sums(ModelDef(abstract_model(cfg)[0], cfg), params,
@@ -351,8 +381,8 @@ def test_clis_round_trip_and_error_contract(tmp_path):
         f"error: {wd}: already holds checkpoints; use a new --workdir"]
     r = run_cli(["tools/export_hf.py", "--workdir", str(tmp_path / "nope"), "--out", "x"])
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'nope' / 'config.json'}: not found; is {tmp_path / 'nope'} a "
-        "jaxllm workdir?"]
+        f"error: --workdir: {tmp_path / 'nope'} is not a directory (a jaxllm-train "
+        "--workdir)"]
     assert not os.path.exists(tmp_path / "x")
 
 

@@ -341,7 +341,7 @@ def test_kv_cache_shapes_match_reference(backend):
 
 def run_on_8_devices(script: str) -> str:
     """Run `script` in a fresh Python with 8 simulated CPU devices; its stdout."""
-    from tests.fault_tools import run_py
+    from tests.fixtures import run_py
     res = run_py(script, devices=8, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
@@ -397,8 +397,8 @@ MODEL_MESH_SCRIPT = r"""
 import jax, jax.numpy as jnp, numpy as np
 from jaxllm import parallel
 from jaxllm.config import defaults
-from jaxllm.train.state import init_state
-from jaxllm.train.step import forward_sums
+from jaxllm.state import init_state
+from jaxllm.model.loss import forward_sums
 from jaxllm import optim
 
 def cfg_for(backend, mesh):

@@ -129,7 +129,7 @@ def test_tpu_backends_reject_what_they_cannot_do():
 
 def test_config_accepts_every_backend_and_only_those():
     from jaxllm import config
-    assert config.BACKENDS == kernels.BACKENDS
+    assert config.choices(config.SCHEMA["model"]["attention_backend"].choices) == kernels.BACKENDS
     cfg = config.tiny()
     cfg.model.attention_backend = "splash"
     config.validate(cfg)

@@ -19,12 +19,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from test_eval_utils import (  # noqa: E402
+from tests.fixtures import (  # noqa: E402
     corpus_texts,
     random_run,
     ref_continuation,
+    ref_forward,
     ref_logprobs,
-    tiny_cfg,
+    tiny_eval_cfg,
     write_jsonl,
 )
 
@@ -85,7 +86,7 @@ def workdir(tmp_path_factory):
     from jaxllm.train.loop import train
 
     root = tmp_path_factory.mktemp("lmeval")
-    cfg = tiny_cfg(init_std=0.3)
+    cfg = tiny_eval_cfg(init_std=0.3)
     cfg.data.path = write_jsonl(root / "train.jsonl", corpus_texts() * 2)
     cfg.data.eval_fraction = 0.2
     cfg.train.update(steps=2, log_every=1)
@@ -141,6 +142,9 @@ def test_loglikelihoods_equal_numpy_reference(lm, results):
     """(a): every choice's log-likelihood as lm-eval recorded it, left truncation included."""
     run, seq = lm.run, lm.max_length
     assert seq == run.cfg.data.seq_len == 32 and lm.batch_size == 4
+    # padding ids of the 384-row output layer carry no probability in what is scored
+    logits = np.asarray(ref_forward(run.model_def)(run.params, np.array([[258, 65]], np.int32)))
+    assert logits.shape[-1] == 384 and np.isneginf(logits[..., 259:]).all()
     samples = results["samples"]["jx_mc"]
     assert len(samples) == len(MC_ITEMS)
     for s in samples:
@@ -219,7 +223,7 @@ def test_model_args_errors(lm, workdir, tmp_path):
     for args, msg in [
         (f"workdir={tmp_path / 'missing'}", "is not a directory"),
         ("step=1", "workdir=DIR"),
-        (f"workdir={workdir},step=7", "--step: 7 not in the checkpoints"),
+        (f"workdir={workdir},step=7", "--step: 7 is not among the checkpoints"),
         (f"workdir={workdir},colour=red", "unknown argument 'colour'"),
         (f"workdir={workdir},batch_size=auto", "batch_size auto"),
         (f"workdir={workdir},max_length=1", "max_length=1"),
@@ -274,9 +278,9 @@ def test_jaxllm_eval_reports_lm_eval_metrics_with_bpb(workdir, tasks, results, t
 
 def test_ablation_rows_carry_lm_eval_metrics(workdir, tasks, results, tmp_path):
     from jaxllm import ablation_report, experiments
-    from jaxllm.eval.restore import load_run_config
+    from jaxllm.run import read_config
 
-    cfg = load_run_config(str(workdir))
+    cfg = read_config(str(workdir))
     ev = {"max_bytes": 500, "batch_size": 4, "lm_eval_tasks": "jx_mc,jx_roll",
           "lm_eval_include": str(tasks[0])}
     derived = {"steps": cfg.train.steps, "warmup_steps": 0, "tokens_per_step": 1,

@@ -26,7 +26,7 @@ from jax import export
 
 from jaxllm import kernels, optim, parallel
 from jaxllm.config import defaults
-from jaxllm.train.state import abstract_state
+from jaxllm.state import abstract_state
 from jaxllm.train.step import jit_train_step
 from tests.test_kernels import run_on_8_devices, skip_without_cuda_lowering
 

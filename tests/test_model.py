@@ -7,16 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tiny_cfg
+from tests.fixtures import tiny_model_cfg
 from flax import nnx
 
 from jaxllm import kernels
-from jaxllm.config import ACTIVATIONS, POS_ENCODINGS, resolved_d_ff
+from jaxllm.model.layers import ACTIVATIONS, resolved_d_ff
+from jaxllm.model.positions import POS_ENCODINGS
 from jaxllm.model.transformer import Transformer
 
 
 def build(**model):
-    cfg = tiny_cfg(**model)
+    cfg = tiny_model_cfg(**model)
     return cfg, Transformer(cfg, nnx.Rngs(0))
 
 
@@ -71,7 +72,7 @@ def test_scan_and_loop_layers_agree():
 
 
 def test_gated_d_ff_rounding_and_gqa_shapes():
-    cfg = tiny_cfg(d_model=96, activation="swiglu", n_heads=4, n_kv_heads=2)
+    cfg = tiny_model_cfg(d_model=96, activation="swiglu", n_heads=4, n_kv_heads=2)
     assert resolved_d_ff(cfg.model) == 256  # 2/3 * 4 * 96 = 256, already a multiple of 64
     cfg.model.d_model = 100
     assert resolved_d_ff(cfg.model) == 320  # 266.67 -> 320
@@ -83,8 +84,8 @@ def test_gated_d_ff_rounding_and_gqa_shapes():
 
 
 def _train_losses(cfg, steps):
-    from jaxllm.train.state import ModelDef
-    from jaxllm.train.step import forward_sums
+    from jaxllm.model.transformer import ModelDef
+    from jaxllm.model.loss import forward_sums
     model = Transformer(cfg, nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
@@ -117,7 +118,7 @@ def _train_losses(cfg, steps):
 
 @pytest.mark.parametrize("pos,act", list(itertools.product(POS_ENCODINGS, ACTIVATIONS)))
 def test_every_combination_trains(pos, act):
-    cfg = tiny_cfg(pos_encoding=pos, activation=act, n_layers=1)
+    cfg = tiny_model_cfg(pos_encoding=pos, activation=act, n_layers=1)
     losses = _train_losses(cfg, 20)
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.7 * losses[0], losses
@@ -145,7 +146,7 @@ def test_scan_unroll_keeps_parameters_loss_and_gradients():
         np.testing.assert_allclose(out[unroll][0], out[1][0], rtol=1e-6)
         for a, b in zip(jax.tree.leaves(out[unroll][1]), jax.tree.leaves(out[1][1]), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    cfg = tiny_cfg(n_layers=12)
+    cfg = tiny_model_cfg(n_layers=12)
     assert [scan_unroll(cfg.model, p) for p in ("cpu", "gpu", "tpu")] == [12, 1, 1]
     with kernels.lowering_for("tpu"):  # exporting for a TPU from this CPU host
         assert scan_unroll(cfg.model) == 1

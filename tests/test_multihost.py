@@ -4,13 +4,14 @@ restores in a single process on another mesh."""
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
 
 import numpy as np
 from _distutil import ROOT, env, run_worker
+
+from tests.fixtures import rows
 
 COMMON = [
     "--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.n_heads=4",
@@ -31,10 +32,6 @@ def free_port() -> int:
 
 def train_cmd(workdir, *extra):
     return [sys.executable, "-m", "jaxllm.train", f"--workdir={workdir}", *COMMON, *extra]
-
-
-def rows(workdir):
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_two_processes(tmp_path):

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import tiny_cfg
+from tests.fixtures import tiny_model_cfg
 
 from jaxllm.config import tiny
 from jaxllm.train.loop import train
-from tests.fault_tools import rows as metrics_rows
+from tests.fixtures import rows as metrics_rows
 
 # Peak learning rates for the tiny model (tiny_cfg: d_model 32, 2 layers, seq 32, batch 4).
 LR = {"adamw": 3e-3, "lion": 1e-3, "sophia_g": 3e-3, "sophia_h": 3e-3, "adam8bit": 3e-3,
@@ -21,7 +21,7 @@ LR = {"adamw": 3e-3, "lion": 1e-3, "sophia_g": 3e-3, "sophia_h": 3e-3, "adam8bit
 
 
 def run(tmp_path, name, steps, **model):
-    cfg = tiny_cfg(**model)
+    cfg = tiny_model_cfg(**model)
     cfg.model.vocab_size = 0  # byte tokenizer, padded to 384
     cfg.optim.update(name=name, lr=LR[name], warmup_steps=10)
     cfg.train.update(steps=steps, log_every=10, eval_every=steps // 4, eval_batches=2)

@@ -114,7 +114,7 @@ BAD = [
     (["--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.train.batch_size=4"],
      "error: train.batch_size: 4 must be divisible by mesh.data*mesh.fsdp (8)"),
     (["--config.mesh.data=1", "--config.mesh.tensor=8"],
-     "error: mesh.tensor: must divide model.n_heads (4)"),
+     "error: mesh.tensor: 8 must divide model.n_heads (4)"),
     (["--config.mesh.data=2", "--config.mesh.tensor=-1"],
      "error: mesh.tensor: 4 must divide model.n_heads (3)"),
 ]

@@ -82,7 +82,7 @@ def small(**model):
 
 def test_mesh_rules_from_config():
     """`mesh.rules` decides where each logical axis lives; bad entries are config errors."""
-    from jaxllm.train.state import abstract_state
+    from jaxllm.state import abstract_state
     c = small()
     # embed replicated, MLP width over fsdp x tensor; names left out (layers, ...) -> None
     c.mesh.rules = (("embed", None), ("mlp", ("fsdp", "tensor")), ("heads", "tensor"),
@@ -168,7 +168,7 @@ def test_shard_report_cli():
     assert f"{norms * 4 // 8 + matrices * 4 // 16:,}" in p.stdout
     for args, msg in ((["--mesh=2,x", "--devices=16"], "error: --mesh: got '2,x'"),
                       (["--mesh=3,1,1", "--devices=16"], "error: mesh: data*fsdp*tensor = 3"),
-                      (["--mesh=1,1,32", "--devices=32"], "error: mesh.tensor: must divide"),
+                      (["--mesh=1,1,32", "--devices=32"], "error: mesh.tensor: 32 must divide"),
                       (["--mesh=1,1,1"], "error: --devices: must be >= 1")):
         p = run(*args)
         assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(msg), \

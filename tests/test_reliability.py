@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.fault_tools import (ROOT, env, events, flags, rows, run_cli, run_py, run_tool,
+from tests.fixtures import (ROOT, env, events, flags, rows, run_train, run_py, run_tool,
                                train_rows)
 
 
@@ -42,7 +42,7 @@ def _snapshot(workdir) -> dict:
 def trained(tmp_path_factory):
     """A 4-step run with checkpoints at steps 2 and 4 (shared, never modified)."""
     wd = tmp_path_factory.mktemp("trained") / "run"
-    p = run_cli(wd, {"train.steps": 4, "checkpoint.every": 2})
+    p = run_train(wd, {"train.steps": 4, "checkpoint.every": 2})
     assert p.returncode == 0, p.stderr[-3000:]
     return wd
 
@@ -131,7 +131,7 @@ def test_second_ctrl_c_is_one_error_line_and_keeps_checkpoints(tmp_path):
     p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     assert "interrupted" in _one_error(p)
     assert all(isinstance(r, dict) for r in rows(wd))  # every line still parses
-    r = run_cli(wd, {"train.steps": 4, "checkpoint.every": 2})
+    r = run_train(wd, {"train.steps": 4, "checkpoint.every": 2})
     assert r.returncode == 0, r.stderr[-3000:]
     assert events(wd, "restored")[-1]["step"] in (2, 3)  # 3 if its save finished in time
 
@@ -144,7 +144,7 @@ def test_torn_metrics_line_is_set_aside_and_readers_skip_bad_lines(trained, tmp_
     shutil.copytree(trained, wd)
     with open(wd / "metrics.jsonl", "a") as f:
         f.write('{"split": "train", "step": 5, "lo')  # a write killed halfway
-    p = run_cli(wd, {"train.steps": 6, "checkpoint.every": 2})
+    p = run_train(wd, {"train.steps": 6, "checkpoint.every": 2})
     assert p.returncode == 0, p.stderr[-3000:]
     lines = (wd / "metrics.jsonl").read_text().splitlines()
     assert all(isinstance(json.loads(ln), dict) for ln in lines)  # no unparsable line
@@ -188,7 +188,7 @@ def test_second_run_on_a_workdir_is_refused(tmp_path):
             time.sleep(0.2)
         time.sleep(0.5)
         before = _snapshot(wd)
-        second = run_cli(wd, {"train.steps": 6, "checkpoint.every": 2})
+        second = run_train(wd, {"train.steps": 6, "checkpoint.every": 2})
         line = _one_error(second)
         assert "workdir in use" in line and f"pid {first.pid}" in line, line
         assert _snapshot(wd) == before  # the refused run touched nothing
@@ -202,13 +202,13 @@ def test_second_run_on_a_workdir_is_refused(tmp_path):
                           capture_output=True, text=True, check=True)
     (wd / "jaxllm.lock").write_text(json.dumps(
         {"pid": int(dead.stdout), "host": socket.gethostname(), "started": time.time() - 60}))
-    p = run_cli(wd, {"train.steps": 3, "checkpoint.every": 2})
+    p = run_train(wd, {"train.steps": 3, "checkpoint.every": 2})
     assert p.returncode == 0 and "taking over the lock" in p.stderr, p.stderr[-3000:]
     # a lock from another host is honoured (its process cannot be checked from here)
     (wd / "jaxllm.lock").write_text(json.dumps(
         {"pid": 1, "host": "another-host", "started": time.time()}))
     before = _snapshot(wd)
-    assert "another-host" in _one_error(run_cli(wd, {"train.steps": 6}))
+    assert "another-host" in _one_error(run_train(wd, {"train.steps": 6}))
     assert _snapshot(wd) == before
 
 
@@ -219,13 +219,13 @@ def test_divergence_then_lower_lr_resumes_from_a_good_step(trained, tmp_path):
     wd = tmp_path / "run"
     shutil.copytree(trained, wd)  # trained to step 4, checkpoints 2 and 4
     good = _snapshot(wd / "checkpoints" / "4")
-    p = run_cli(wd, {"train.steps": 14, "checkpoint.every": 2, "checkpoint.keep": 1,
+    p = run_train(wd, {"train.steps": 14, "checkpoint.every": 2, "checkpoint.keep": 1,
                      "optim.lr": 1000.0})
     assert "consecutive skipped steps" in _one_error(p, status=3)
     assert {e["reason"] for e in events(wd, "skipped_step")} == {"exploded"}
     assert events(wd, "checkpoint_deferred")  # saves inside the streak were not written
     assert _snapshot(wd / "checkpoints" / "4") == good  # never rotated away or rewritten
-    p = run_cli(wd, {"train.steps": 10, "checkpoint.every": 2})  # the advice: lower lr
+    p = run_train(wd, {"train.steps": 10, "checkpoint.every": 2})  # the advice: lower lr
     assert p.returncode == 0, p.stderr[-3000:]
     assert events(wd, "restored")[-1]["step"] == 4
     losses = [train_rows(wd)[s]["loss"] for s in range(5, 11)]
@@ -233,7 +233,7 @@ def test_divergence_then_lower_lr_resumes_from_a_good_step(trained, tmp_path):
     assert all(map(lambda x: x == x and abs(x) < 1e3, losses))
     assert evals[10]["loss"] < evals[4]["loss"]  # it trains again
     # a rerun with train.steps below the trained step says so
-    p = run_cli(wd, {"train.steps": 6})
+    p = run_train(wd, {"train.steps": 6})
     assert p.returncode == 0 and "already trained to step 10" in p.stderr, p.stderr[-2000:]
     assert events(wd, "nothing_to_train")[-1]["step"] == 10
 
@@ -258,7 +258,7 @@ def test_one_document_corpus_trains_with_a_token_split(tmp_path):
     doc = tmp_path / "one.txt"
     doc.write_text("".join(f"line {i}: the quick brown fox\n" for i in range(150)))
     wd = tmp_path / "run"
-    p = run_cli(wd, {"train.steps": 2, "data.path": str(doc)})
+    p = run_train(wd, {"train.steps": 2, "data.path": str(doc)})
     assert p.returncode == 0, p.stderr[-3000:]
     (ev,) = events(wd, "data_split")
     assert ev["policy"] == "tokens" and ev["documents"] == 1 and ev["eval_tokens"] >= 34
@@ -270,7 +270,7 @@ def test_data_errors_create_no_workdir(tmp_path):
     tiny.write_text("too short")
     for path in (str(tmp_path / "none*.txt"), str(tiny)):
         wd = tmp_path / "never"
-        _one_error(run_cli(wd, {"train.steps": 2, "data.path": path}))
+        _one_error(run_train(wd, {"train.steps": 2, "data.path": path}))
         assert not wd.exists()
     assert not [p for p in (tmp_path / ".jaxllm_cache").glob("*") if ".tmp-" in p.name]
 
@@ -313,7 +313,7 @@ def test_all_checkpoints_damaged_is_one_short_error(trained, tmp_path):
     for step in ("2", "4"):
         shutil.rmtree(wd / "checkpoints" / step / "state")
     before = _snapshot(wd)
-    p = run_cli(wd, {"train.steps": 6})
+    p = run_train(wd, {"train.steps": 6})
     assert "no checkpoint could be restored" in _one_error(p)
     assert len(p.stderr.strip().splitlines()) <= 3, p.stderr  # our warnings + the error
     assert _snapshot(wd) == before
@@ -335,14 +335,14 @@ def tmpfs(tmp_path):
 
 def test_disk_full_during_a_save_is_one_error_and_the_run_resumes(tmpfs):
     wd = tmpfs / "run"
-    p = run_cli(wd, {"train.steps": 10, "checkpoint.every": 2, "checkpoint.keep": 5})
+    p = run_train(wd, {"train.steps": 10, "checkpoint.every": 2, "checkpoint.keep": 5})
     line = _one_error(p)
     assert "checkpoint could not be written" in line and "RESOURCE_EXHAUSTED" in line, line
     assert all(isinstance(r, dict) for r in rows(wd))
     done = {e["step"] for e in events(wd, "checkpoint")}
     assert done and done <= {int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit()}
     subprocess.run(["mount", "-o", "remount,size=20m", str(tmpfs)], check=True)  # space freed
-    p = run_cli(wd, {"train.steps": 10, "checkpoint.every": 2, "checkpoint.keep": 5})
+    p = run_train(wd, {"train.steps": 10, "checkpoint.every": 2, "checkpoint.keep": 5})
     assert p.returncode == 0, p.stderr[-3000:]
     assert events(wd, "restored")[-1]["step"] == max(done)
 
@@ -350,8 +350,8 @@ def test_disk_full_during_a_save_is_one_error_and_the_run_resumes(tmpfs):
 def test_read_only_file_system_is_one_error(tmpfs, tmp_path):
     (tmpfs / "c.txt").write_text("".join(f"line {i}\n" for i in range(400)))
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
-    p = run_cli(tmp_path / "run", {"train.steps": 2, "data.path": str(tmpfs / "c.txt")})
+    p = run_train(tmp_path / "run", {"train.steps": 2, "data.path": str(tmpfs / "c.txt")})
     assert "cannot write the token cache" in _one_error(p)
     assert not (tmp_path / "run").exists()
-    p = run_cli(tmpfs / "run", {"train.steps": 2})  # a workdir on a read-only file system
+    p = run_train(tmpfs / "run", {"train.steps": 2})  # a workdir on a read-only file system
     assert "read-only file system" in _one_error(p)

@@ -1,13 +1,13 @@
-"""KV-cached generation (jaxllm/eval/sample.py): equals full recomputation, masks padding."""
+"""KV-cached generation (jaxllm/model/sample.py): equals full recomputation, masks padding."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
 import pytest
-from test_eval_utils import random_run, ref_forward
+from tests.fixtures import random_run, ref_forward
 
-from jaxllm.eval.sample import filter_logits, generate, left_pad
+from jaxllm.model.sample import filter_logits, generate, left_pad
 
 
 def _greedy_by_recomputation(run, prompt, n_new, vocab_limit):

@@ -1,20 +1,14 @@
 """End-to-end training on the embedded corpus: metrics contract, checkpoint, sample, determinism."""
 
-import json
 
 import numpy as np
-from conftest import run_cli, tiny_cfg
+from tests.fixtures import rows, run_cli, tiny_model_cfg
 
 from jaxllm.train.loop import train
 
 
-def rows(workdir):
-    with open(workdir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
-
-
 def small(**train_kw):
-    cfg = tiny_cfg()
+    cfg = tiny_model_cfg()
     cfg.model.vocab_size = 0  # follows the tokenizer
     cfg.train.update(steps=12, log_every=2, eval_every=6, eval_batches=1, **train_kw)
     cfg.checkpoint.every = 6
@@ -82,8 +76,8 @@ def test_gradient_accumulation_equals_one_big_batch():
     import jax
 
     from jaxllm import optim, parallel
-    from jaxllm.train.loop import resolve
-    from jaxllm.train.state import init_state
+    from jaxllm.data.resolve import resolve
+    from jaxllm.state import init_state
     from jaxllm.train.step import make_train_step
 
     def one_step(accum):

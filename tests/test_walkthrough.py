@@ -8,7 +8,7 @@ import stat
 import subprocess
 import sys
 
-from conftest import ROOT
+from tests.fixtures import ROOT
 
 from jaxllm.data.corpus import embedded_documents
 

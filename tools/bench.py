@@ -98,13 +98,13 @@ def main(argv=None):
                      f"{1 if name in ('steps', 'vocab') else 0}")
         import jax
 
+        from jaxllm import bench_report, isolate, kernels
         from jaxllm import benchmark as B
-        from jaxllm import kernels
 
         if FLAGS.vs_torch:
             return _vs_torch(base)
         if FLAGS.isolate != "no":  # before JAX starts: children need the device memory
-            B.keep_parent_light()
+            isolate.keep_parent_light()
         opts = {"sizes": FLAGS.sizes, "seq_lens": _ints("seq_lens"), "pos": FLAGS.pos,
                 "batch": FLAGS.batch, "steps": FLAGS.steps, "warmup": FLAGS.warmup,
                 "vocab": FLAGS.vocab}
@@ -117,18 +117,15 @@ def main(argv=None):
                     opts[k] = v
         backends = (list(kernels.compared_backends()) if FLAGS.compare_backends
                     else FLAGS.backends or [base.model.attention_backend])
-        isolate = {"auto": None, "yes": True, "no": False}[FLAGS.isolate]
         report = B.run(base, opts["sizes"], opts["seq_lens"], opts["pos"], backends,
                        batch=opts["batch"], tokens_per_batch=FLAGS.tokens_per_batch,
                        steps=opts["steps"], warmup=opts["warmup"], vocab=opts["vocab"],
-                       isolate=isolate, out_dir=FLAGS.out, echo=lambda s: print(s, flush=True))
+                       isolate={"auto": None, "yes": True, "no": False}[FLAGS.isolate],
+                       out_dir=FLAGS.out, echo=lambda s: print(s, flush=True))
         print()
-        print(B.markdown(report), end="")
+        print(bench_report.markdown(report), end="")
         if FLAGS.preset == "nanogpt":
-            print("\nAnchor (measured side by side): GPT-2 124M, T=1024, batch 16, bf16, one H200:")
-            for a in B.NANOGPT_ANCHOR:
-                print(f"  {a['system']}: {a['tokens_per_s_per_device']:,} tokens/s, "
-                      f"MFU {100 * a['mfu']:.1f}%")
+            print("\n" + "\n".join(bench_report.anchor_lines()))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""Import a local Hugging Face Llama, GPT-2 or MPT model into a new jaxllm workdir.
+"""Import a local Hugging Face Llama, Mistral, Qwen2, GPT-2 or MPT model into a new workdir.
 
     python tools/import_hf.py --hf_dir hf/gpt2 --workdir runs/gpt2-cont \
         [--config configs/NAME.py] [--config.data.seq_len=1024 ...] [--tokenizer PATH]
     jaxllm-train --config runs/gpt2-cont/config.py --workdir runs/gpt2-cont \
         --config.train.steps=2000          # continued pre-training from step 0
 
-Reads config.json + model.safetensors (or a sharded index) and writes WORKDIR/config.json,
-WORKDIR/config.py and a step-0 checkpoint: the imported parameters, a fresh optimizer
-state and the data iterator of the --config data settings. The architecture comes from
+Reads config.json + model.safetensors (or a sharded index; float32, bfloat16 or float16
+weights) and writes WORKDIR/config.json, WORKDIR/config.py and a step-0 checkpoint: the
+imported parameters, a fresh optimizer state and the data iterator of the --config data
+settings. The architecture comes from
 the Hugging Face config; everything else (data, optimizer, training, mesh) from --config.
 The tokenizer: --tokenizer, else a jaxllm export's byte tokenizer, else the directory's
 tokenizer.json / tokenizer.model (copied into the workdir). Logic: jaxllm/hf/.

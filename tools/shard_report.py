@@ -49,7 +49,7 @@ def main(argv) -> None:
             cfg.mesh.update(data=sizes[0], fsdp=sizes[1], tensor=sizes[2])
             jaxllm_config.validate(cfg)
         from jaxllm import sizing
-        from jaxllm.train.loop import resolve
+        from jaxllm.data.resolve import resolve
         resolve(cfg)
         r = sizing.report(cfg, FLAGS.devices)
     print(json.dumps(r, indent=2) if FLAGS.json else sizing.format_report(r))

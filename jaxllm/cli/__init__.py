@@ -71,16 +71,11 @@ def parse_config(flag_values, argv):
 
 def _unknown_key(argv) -> str:
     """Name the first `--config.KEY=...` override that is not in the schema."""
-    from jaxllm.config import defaults
+    from jaxllm.config import defaults, unknown_key
     schema = defaults()
     for arg in argv:
-        if not arg.startswith("--config."):
-            continue
-        node, parts = schema, arg[len("--config."):].split("=")[0].split(".")
-        for i, part in enumerate(parts):
-            if not hasattr(node, "keys") or part not in node:
-                where = ".".join(parts[:i]) or "the top level"
-                allowed = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
-                return (f"{'.'.join(parts)}: unknown config key; keys under {where}: {allowed}")
-            node = node[part]
+        if arg.startswith("--config."):
+            msg = unknown_key(schema, arg[len("--config."):].split("=")[0])
+            if msg:
+                return msg
     return "--config: unknown config key"

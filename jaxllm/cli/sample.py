@@ -34,7 +34,7 @@ def sample(run, prompt: str, *, max_tokens: int, temperature: float, top_k: int,
     import jax
 
     from jaxllm import parallel
-    from jaxllm.eval.sample import continuations
+    from jaxllm.model.sample import continuations
 
     if num < 1:
         raise ValueError(f"--num: must be >= 1, got {num}")
@@ -78,8 +78,8 @@ def _memory() -> tuple[int, str]:
 def main(argv=None) -> None:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     with user_errors():
-        from jaxllm.eval.restore import load_run, load_run_config
-        check_size(load_run_config(args.workdir), len(args.prompt.encode("utf-8")),
+        from jaxllm.run import load_run, read_config
+        check_size(read_config(args.workdir), len(args.prompt.encode("utf-8")),
                    args.max_tokens, args.num)
         try:
             run = load_run(args.workdir, step=args.step, tokenizer=args.tokenizer)

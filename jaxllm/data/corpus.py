@@ -8,7 +8,10 @@ eval (and `valid_fraction` in a validation split, when asked for).
 
 from __future__ import annotations
 
+import glob
+import json
 import pathlib
+import re
 import sysconfig
 import zlib
 
@@ -61,7 +64,6 @@ def expand_inputs(inputs, key: str = "data.path") -> list[str]:
     Raises ValueError naming `key` for a pattern that matches nothing, an unsupported
     suffix or an empty file list.
     """
-    import glob
 
     out: list[str] = []
     for spec in inputs:
@@ -141,7 +143,6 @@ def _txt_docs(path: str, blank_line_docs: bool, bad: BadRecords):
         if text is not None:
             yield text
         return
-    import re
 
     for block in re.split(rb"(?:\r?\n[ \t]*){2,}", raw):
         if block.strip():
@@ -151,7 +152,6 @@ def _txt_docs(path: str, blank_line_docs: bool, bad: BadRecords):
 
 
 def _jsonl_docs(path: str, field: str, bad: BadRecords):
-    import json
 
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed below

@@ -39,6 +39,7 @@ state (`get_state`/`set_state`) restores the exact position.
 from __future__ import annotations
 
 import atexit
+import pathlib
 import weakref
 
 import grain
@@ -49,6 +50,7 @@ from jaxllm.data.corpus import embedded_documents, expand_inputs
 from jaxllm.data.prepare import PreparedData, cache_dir_for, prepare, split_mask
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "target_bytes")
+PACKING = ("concat", "first_fit")  # `data.packing` (module docstring)
 # Elements are cheap memory-mapped slices: two reader threads keep up, and grain's default
 # (16 threads, 500 elements ahead) costs ~1 s at every start and restore on a small host.
 READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
@@ -195,7 +197,6 @@ def open_prepared(path: str, cfg, tokenizer, key: str) -> PreparedData:
     """A prepared directory, or raw files/globs prepared once into a cache beside them (in
     this process: no worker processes inside a training job; for big corpora run
     tools/prepare_data.py, which tokenizes in parallel)."""
-    import pathlib
 
     p = pathlib.Path(path).expanduser()
     if p.is_dir():
@@ -238,6 +239,19 @@ def load_split(cfg, tokenizer, split: str, path: str | None = None,
     docs = np.flatnonzero(split_mask(len(data), split, cfg.data.eval_fraction,
                                      cfg.data.valid_fraction))
     return Split(data.doc_len[docs] + 1, doc_fn=lambda j: data.doc(docs[j]))
+
+
+def whole_if_token_split(cfg, tokenizer, path: str | None = None,
+                         key: str = "data.path") -> Split | None:
+    """Every document of a corpus that is split by tokens (`token_cuts`), whole and in
+    corpus order (what `--split=all` evaluates); None where the split is by document."""
+    path = cfg.data.path if path is None else path
+    if not path:
+        return None
+    data = open_prepared(path, cfg, tokenizer, key)
+    if token_cuts(data, cfg) is None:
+        return None
+    return Split(data.doc_len + 1, doc_fn=data.doc)
 
 
 def token_cuts(data: PreparedData, cfg) -> tuple[int, int] | None:

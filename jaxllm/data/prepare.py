@@ -29,8 +29,10 @@ import os
 import pathlib
 import shutil
 import sys
+from collections import deque
 
 import numpy as np
+from tqdm import tqdm
 
 from jaxllm.data.corpus import BadRecords, iter_texts
 from jaxllm.data.tokenizers import load_tokenizer
@@ -144,10 +146,6 @@ def _write_shards(tmp, chunks, per_source, bad, tokenizer_spec, workers, progres
                   shard_tokens, dtype, eos_id):
     """Encode the chunks (in `workers` processes) into shard files; returns (document
     lengths, shard entries). Texts the tokenizer cannot encode count as `unencodable`."""
-    from collections import deque
-
-    from tqdm import tqdm
-
     workers = workers or min(os.cpu_count() or 1, 8)
     pool = (multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer_spec,))
             if workers > 1 else None)
@@ -202,7 +200,6 @@ def _uncount(per_source: dict, bad: BadRecords, source: str, nbytes: int) -> Non
 
 def _bounded_map(pool, items, ahead: int):
     """Ordered parallel map with at most `ahead` chunks in flight (bounded memory)."""
-    from collections import deque
 
     pending = deque()
     for item in items:

@@ -15,8 +15,11 @@ with the ByteLevel pre-tokenizer (GPT-2 regex, no prefix space) and decoder, the
 from __future__ import annotations
 
 import io
+import itertools
 import pathlib
 import sys
+
+from tqdm import tqdm
 
 from jaxllm.data.corpus import BadRecords, iter_texts
 
@@ -24,7 +27,6 @@ KINDS = ("sentencepiece_bpe", "sentencepiece_unigram", "byte_bpe")
 
 
 def _progress(total_bytes: int | None, desc: str, enabled: bool):
-    from tqdm import tqdm
 
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, disable=not enabled,
                 file=sys.stderr)
@@ -78,7 +80,6 @@ def train_tokenizer(files: list[str], kind: str, vocab_size: int, output: str, *
 
 
 def _train_sentencepiece(lines, model_type: str, vocab_size: int, out: pathlib.Path) -> None:
-    import itertools
 
     import sentencepiece as spm
 

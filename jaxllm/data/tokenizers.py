@@ -17,7 +17,8 @@ tokenizer. Exactness needs every id to stand for one fixed byte string, so:
 - Byte-level BPE (GPT-2 / GPT-NeoX style; Sennrich et al. 2016, Radford et al. 2019) from a
   Hugging Face `tokenizers` `.json` whose pre-tokenizer and decoder are ByteLevel and that
   has no normalizer: each character of a token maps back to one byte. A ByteLevel
-  `add_prefix_space` is switched off on load (it would add a byte the text lacks).
+  `add_prefix_space` is switched off on load (it would add a byte the text lacks), and
+  special-token strings in text are encoded as ordinary text (as SentencePiece does).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class SentencePieceTokenizer(_TableTokenizer):
         return self.sp.decode(ids)
 
 
-def _bytes_to_unicode() -> dict[str, int]:
+def bytes_to_unicode() -> dict[str, int]:
     """GPT-2's reversible byte <-> printable-character map (char -> byte)."""
     bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
           + list(range(ord("®"), ord("ÿ") + 1)))
@@ -166,6 +167,9 @@ class ByteLevelBPETokenizer(_TableTokenizer):
                 if n.get("type") == "ByteLevel":
                     n["add_prefix_space"] = False
             self.tok = Tokenizer.from_str(json.dumps(spec))
+            # special tokens come from the pipeline, never from text: a literal
+            # "<|endoftext|>" in a document is ordinary text (and its bytes count)
+            self.tok.encode_special_tokens = True
         except Exception as e:
             raise ValueError(f"data.tokenizer: {path} is not a valid tokenizers .json ({e})") from e
 
@@ -175,7 +179,7 @@ class ByteLevelBPETokenizer(_TableTokenizer):
                 f"data.tokenizer: {path} is not a byte-level BPE (needs ByteLevel pre-tokenizer "
                 "and decoder and no normalizer); train one with tools/train_tokenizer.py")
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        byte_of = _bytes_to_unicode()
+        byte_of = bytes_to_unicode()
         table = np.zeros(self.vocab_size, np.int32)
         for token, i in self.tok.get_vocab(with_added_tokens=True).items():
             table[i] = len(token) if all(c in byte_of for c in token) else len(token.encode())

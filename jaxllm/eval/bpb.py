@@ -17,13 +17,12 @@ training windows instead, so they differ slightly from this number.)
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from jaxllm.config import ConfigError
+from jaxllm.data.pipeline import load_split, parse_mixture, whole_if_token_split
 from jaxllm.eval.scoring import Request
-from jaxllm.train.step import bits_per_byte
+from jaxllm.model.loss import nll_summary
 
 SPLITS = ("eval", "valid", "train", "all")
 
@@ -33,7 +32,6 @@ def eval_documents(cfg, tokenizer, split: str = "eval", max_bytes: int = 0) -> l
     (`data.path`, else each `data.mixture` member, else the embedded corpus), in a fixed
     order; with `max_bytes`, only the first whole documents holding at least that many bytes
     (the cut is by bytes, so runs with different tokenizers see the same text)."""
-    from jaxllm.data.pipeline import load_split, parse_mixture
 
     if split not in SPLITS:
         raise ConfigError(f"--split: got {split!r}; allowed: {', '.join(SPLITS)}")
@@ -46,8 +44,9 @@ def eval_documents(cfg, tokenizer, split: str = "eval", max_bytes: int = 0) -> l
     docs, total = [], 0
     try:
         for path, key in sources:
-            for part in parts:
-                s = load_split(cfg, tokenizer, part, path, key)
+            whole = whole_if_token_split(cfg, tokenizer, path, key) if split == "all" else None
+            for s in [whole] if whole is not None else (
+                    load_split(cfg, tokenizer, part, path, key) for part in parts):
                 for j in range(len(s)):
                     if max_bytes and total >= max_bytes:
                         return docs
@@ -73,10 +72,7 @@ def document_requests(docs, eos_id: int, length: int) -> list[Request]:
 
 
 def summarize(nll: float, tokens: int, n_bytes: int) -> dict:
-    loss = nll / max(tokens, 1)
-    return {"bpb": bits_per_byte(nll, n_bytes), "loss": loss,
-            "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens),
-            "bytes": int(n_bytes)}
+    return {**nll_summary(nll, tokens, n_bytes), "tokens": int(tokens), "bytes": int(n_bytes)}
 
 
 def evaluate_bpb(scorer, docs, seq_len: int, packing: bool = True) -> dict:

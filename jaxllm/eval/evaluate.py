@@ -10,6 +10,10 @@ import os
 import time
 
 from jaxllm.config import ConfigError
+from jaxllm.eval import bpb, harness
+from jaxllm.eval import extrapolation as ex
+from jaxllm.eval.scoring import Scorer
+from jaxllm.run import load_run
 
 # lm-eval metrics shown in the table (the JSON has all of them)
 LM_EVAL_COLUMNS = ("acc", "acc_norm", "perplexity", "bits_per_byte", "word_perplexity")
@@ -21,11 +25,6 @@ def evaluate(workdir: str, *, step: int | None = None, data_path: str | None = N
              tasks: str = "", extrapolation: bool = False, extrap_bytes: int = 65536,
              lm_eval_tasks: str = "", lm_eval_include: str = "", lm_eval_limit: int = 0,
              run=None) -> dict:
-    from jaxllm.eval import bpb, harness
-    from jaxllm.eval import extrapolation as ex
-    from jaxllm.eval.restore import load_run
-    from jaxllm.eval.scoring import Scorer
-
     overrides = {}
     if data_path is not None:
         overrides.update({"data.path": data_path, "data.mixture": ""})
@@ -84,7 +83,6 @@ def _lm_eval_tasks(names: list[str], include: str, limit: int):
 
 
 def format_report(r: dict) -> str:
-    from jaxllm.eval.extrapolation import format_table
 
     lines = [(f"{r['workdir']} @ step {r['step']}: {r['data']} ({r['split']} split), "
              f"{r['documents']} documents, {r['bytes']:,} bytes, {r['tokens']:,} tokens, "
@@ -112,5 +110,5 @@ def format_report(r: dict) -> str:
     if r.get("extrapolation"):
         lines += ["", ("length extrapolation (training length "
                   f"{r['train_seq_len']}, {r['extrapolation'][0]['tokens'] or 0:,} tokens):"),
-                  format_table(r["extrapolation"])]
+                  ex.format_table(r["extrapolation"])]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ lengths are reported as n/a with the reason.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from jaxllm.eval.bpb import document_requests, summarize
@@ -49,7 +50,6 @@ def evaluate_lengths(scorer, docs, train_len: int, factors=FACTORS,
     Batches hold about `tokens_per_batch` tokens (default: batch_size * train_len), so
     longer rows use fewer of them; the batch size stays a multiple of the device count.
     """
-    import jax
 
     eos = scorer.run.tokenizer.eos_id
     limit = scorer.max_length()

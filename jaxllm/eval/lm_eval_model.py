@@ -22,8 +22,9 @@ How requests become model inputs (the conventions of lm-eval's own `hf` model):
 - Requests are grouped by row length (powers of two from 16 to `max_length`), so the
   jitted forward pass compiles once per length, and scored by `scoring.Scorer` (each
   request its own padded row). Log-probabilities are those of the model's softmax, as in
-  training and bits per byte; `is_greedy` takes the argmax over the tokenizer's real
-  vocabulary (padding ids of the embedding table never count as predictions).
+  training and bits per byte: padding ids of the embedding table (`model.vocab_used` and
+  up) have -inf logits there, so they carry no probability; `is_greedy` takes the argmax
+  over the tokenizer's real vocabulary (also for runs recorded before that mask).
 - `generate_until` runs the KV-cached sampler (`sample.generate`) on left-padded batches
   of prompts (widths again powers of two), greedy unless a task sets `do_sample`/
   `temperature`; all `max_gen_toks` tokens are generated, then the text is cut at the
@@ -45,7 +46,7 @@ from tqdm import tqdm
 
 from jaxllm.config import ConfigError
 from jaxllm.eval.harness import bucket_length
-from jaxllm.eval.sample import cut_at_eos, generate, left_pad
+from jaxllm.model.sample import cut_at_eos, generate, left_pad
 from jaxllm.eval.scoring import Request, Scorer, continuation_request
 
 log = logging.getLogger("jaxllm")
@@ -78,7 +79,7 @@ class JaxllmLM(TemplateLM):
         bs, self.max_gen_toks = self._batch_size(batch_size), _int_arg("max_gen_toks",
                                                                         max_gen_toks)
         if run is None:
-            from jaxllm.eval.restore import load_run
+            from jaxllm.run import load_run
             if not workdir:
                 raise ConfigError("--model_args: workdir=DIR (a jaxllm training workdir) "
                                   "is required")

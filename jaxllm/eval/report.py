@@ -11,7 +11,8 @@ import math
 import os
 
 from jaxllm.config import ConfigError
-from jaxllm.runfiles import read_config_json, read_rows
+from jaxllm.run import saved_config
+from jaxllm.runfiles import read_rows
 
 
 def read_metrics(workdir: str) -> dict:
@@ -27,9 +28,7 @@ def read_metrics(workdir: str) -> dict:
             evals[row["step"]] = row
         elif row.get("event") == "start":
             start.append(row)
-    cfg = {}
-    if os.path.isfile(os.path.join(workdir, "config.json")):
-        cfg = read_config_json(os.path.join(workdir, "config.json"))
+    cfg = saved_config(workdir) or {}
     per_step = 0
     try:
         per_step = cfg["train"]["batch_size"] * cfg["data"]["seq_len"] if cfg else 0

@@ -7,7 +7,7 @@ its own segment (ids 1, 2, ...; 0 = padding) with positions restarting at 0, so 
 never crosses requests and a request's score does not depend on its neighbours, the batch
 size or the packing. Batches have a fixed shape [batch_size, length] (the last one padded
 with segment-0 rows) and go through one jitted forward pass that reuses the training
-loss code (`train.step.forward_sums`: per-token NLL, chunked over the sequence); sums
+loss code (`model.loss.forward_sums`: per-token NLL, chunked over the sequence); sums
 are taken on the host in float64.
 """
 
@@ -17,12 +17,12 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import parallel
 from jaxllm.config import ConfigError
-from jaxllm.train.step import forward_sums, token_nll
+from jaxllm.model.transformer import position_limit
+from jaxllm.model.loss import forward_sums, greedy_hits, hidden, token_nll
 
 
 @dataclasses.dataclass
@@ -105,10 +105,7 @@ class Scorer:
 
     def max_length(self) -> int | None:
         """Rows may not exceed a learned position table; None when unbounded."""
-        m = self.run.cfg.model
-        if m.pos_encoding == "learned":
-            return m.max_position or self.run.cfg.data.seq_len
-        return None
+        return position_limit(self.run.cfg)
 
     def score(self, requests, length: int, packing: bool = False, greedy: bool = False,
               batch_size: int | None = None) -> Scores:
@@ -153,27 +150,9 @@ def _compiled(model_def, chunk: int, limit: int):
         return forward_sums(model_def, params, batch, chunk)[2]
 
     def greedy_fn(params, batch):
-        model = model_def.apply(params)
-        h, _ = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
-        weights = (batch["segment_ids"] > 0).astype(jnp.float32)
+        model, h, weights = hidden(model_def, params, batch)
         nll = token_nll(model, h, batch["targets"], weights, chunk)[2]
-        return nll, _greedy_hits(model, h, batch["targets"], limit, chunk)
+        return nll, greedy_hits(model, h, batch["targets"], limit, chunk)
 
     return jax.jit(nll_fn), jax.jit(greedy_fn)
 
-
-def _greedy_hits(model, h, targets, vocab_limit: int, chunk: int):
-    """[B, T] bool: the target is the argmax over the real vocabulary (padding ids masked)."""
-    b, t, d = h.shape
-    chunk = t if not chunk or chunk >= t or t % chunk else chunk
-
-    def one(xs):
-        hc, tc = xs
-        logits = model.logits(hc)
-        ids = jnp.arange(logits.shape[-1])
-        logits = jnp.where(ids < vocab_limit, logits, -jnp.inf)
-        return jnp.argmax(logits, axis=-1) == tc
-
-    hs = h.reshape(b, t // chunk, chunk, d).swapaxes(0, 1)
-    ts = targets.reshape(b, t // chunk, chunk).swapaxes(0, 1)
-    return jax.lax.map(one, (hs, ts)).swapaxes(0, 1).reshape(b, t)

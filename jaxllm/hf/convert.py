@@ -1,8 +1,9 @@
 """Hugging Face directories <-> jaxllm workdirs (the files around `mapping.py`).
 
 Export: a workdir's `config.json` + newest restorable Orbax checkpoint (parameters only,
-restored onto one device) -> `model.safetensors`, `config.json`, `generation_config.json`,
-tokenizer files and `jaxllm.json` (the source config, step and tokenizer).
+restored onto one device) -> `model.safetensors` (or shards and an index), `config.json`,
+`generation_config.json`, tokenizer files (`tokenizer.py`), a model card `README.md` and
+`jaxllm.json` (the source config, step and tokenizer).
 Import: `config.json` + `model.safetensors` (or a sharded `model.safetensors.index.json`)
 -> a workdir holding `config.json`, `config.py` (for `jaxllm-train --config`) and a
 step-0 checkpoint (imported parameters, fresh optimizer state) that `jaxllm-train
@@ -18,172 +19,102 @@ import shutil
 
 import numpy as np
 
-from jaxllm.config import ConfigError, defaults, validate
-from jaxllm.runfiles import read_config_json
-from jaxllm.hf.mapping import blocks_of, family, to_hf
+import jax
+
+from jaxllm import optim, parallel, run
+from jaxllm.checkpoint import Checkpointer, data_meta
+from jaxllm.config import ConfigError, validate
+from jaxllm.data.pipeline import make_pipeline
+from jaxllm.data.resolve import resolve
+from jaxllm.hf.card import generation_config, model_card, run_summary
+from jaxllm.hf.mapping import architecture, blocks_of, family, to_hf
 from jaxllm.hf.reverse import from_hf
-
-BYTE_SPECIALS = {"<pad>": 256, "<s>": 257, "</s>": 258}  # jaxllm ByteTokenizer ids
-
+from jaxllm.hf.tokenizer import write_tokenizer
+from jaxllm.hf.weights import parse_size, read_weights, write_weights
+from jaxllm.model.layers import DTYPES
+from jaxllm.state import abstract_state, fresh_state
+from jaxllm.workdir_lock import acquire_for_run
 
 def load_workdir_config(workdir):
-    """defaults() updated with WORKDIR/config.json, validated."""
-    path = pathlib.Path(workdir) / "config.json"
-    try:
-        saved = read_config_json(path)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: not found; is {workdir} a jaxllm workdir?") from None
-    cfg = defaults()
-    for sec, vals in saved.items():
-        if sec in cfg and isinstance(vals, dict):
-            for k, v in vals.items():
-                cfg[sec][k] = tuple(map(tuple, v)) if (sec, k) == ("mesh", "rules") else v
-    return validate(cfg)
+    """The run's config (`run.read_config`: config.json over the defaults), validated."""
+    return validate(run.read_config(workdir))
 
 
 def restore_params(cfg, workdir, step=None):
-    """(step, params as numpy) from the newest restorable checkpoint (or `step`), read
-    onto a one-device mesh; optimizer state and data iterator are not read."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from jaxllm import optim, parallel
-    from jaxllm.checkpoint import Checkpointer
-    from jaxllm.train.state import abstract_state
-
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
-        raise ConfigError(f"{directory}: no checkpoints directory")
+    """(step, params as numpy) of the newest restorable checkpoint (or `step`), read onto
+    one device (`run.restore_params`); optimizer state and data iterator are not read."""
     cfg.mesh.update(data=1, fsdp=1, tensor=1)
     mesh = parallel.make_mesh(cfg, jax.devices()[:1])
-    _, abstract, _ = abstract_state(cfg, mesh, optim.build_optimizer(cfg))
-    target = {"params": abstract["params"]}
-    ckpt = Checkpointer(directory, cfg)
-    steps = ckpt.steps()
-    if step is not None and step not in steps:
-        raise ConfigError(f"--step: {step} is not among the checkpoints {steps}")
-    errors = []
-    try:
-        for s in [step] if step is not None else reversed(steps):
-            try:
-                out = ckpt.manager.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(
-                        item=target, partial_restore=True,
-                        restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
-            except Exception as e:  # noqa: BLE001 (a torn step: fall back, as training does)
-                errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[:1]}")
-                continue
-            params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)),
-                                  out["state"]["params"])
-            return s, params
-    finally:
-        ckpt.close()
-    raise ConfigError(f"{directory}: no checkpoint could be restored"
-                      + (": " + "; ".join(errors) if errors else " (none saved)"))
-
-
-# ----------------------------------------------------------------------------- tokenizer
-def byte_tokenizer_json() -> str:
-    """A `tokenizers` byte-level BPE with no merges whose ids equal jaxllm's ByteTokenizer:
-    byte b -> id b (GPT-2's printable byte alphabet), then <pad> 256, <s> 257, </s> 258."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    from jaxllm.data.tokenizers import _bytes_to_unicode  # GPT-2's {char: byte} map
-    byte_of = _bytes_to_unicode()
-    assert sorted(pre_tokenizers.ByteLevel.alphabet()) == sorted(byte_of)
-    tok = Tokenizer(models.BPE(vocab=dict(byte_of), merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(BYTE_SPECIALS))
-    assert all(tok.token_to_id(t) == i for t, i in BYTE_SPECIALS.items())
-    return tok.to_str()
-
-
-def write_tokenizer(spec: str, out: pathlib.Path, seq_len: int) -> dict:
-    """Write HF tokenizer files for jaxllm tokenizer `spec`; returns the special ids."""
-    tcfg = {"add_bos_token": False, "add_eos_token": False, "model_max_length": seq_len,
-            "clean_up_tokenization_spaces": False}
-    if spec == "byte":
-        (out / "tokenizer.json").write_text(byte_tokenizer_json())
-        names = {v: k for k, v in BYTE_SPECIALS.items()}
-        ids = {"bos": 257, "eos": 258, "pad": 256}
-        tcfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    else:
-        from jaxllm.data.tokenizers import load_tokenizer
-        src = pathlib.Path(spec).expanduser()
-        if not src.is_file():
-            raise ConfigError(f"data.tokenizer: {src} not found; pass --tokenizer=PATH")
-        try:
-            tok = load_tokenizer(str(src))
-        except (OSError, ValueError) as e:
-            raise ConfigError(str(e) if str(e).startswith("data.tokenizer") else
-                              f"data.tokenizer: {e}") from None
-        ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
-        if src.suffix == ".model":
-            import sentencepiece as spm
-            shutil.copyfile(src, out / "tokenizer.model")
-            sp = spm.SentencePieceProcessor(model_file=str(src))
-            names = {i: sp.id_to_piece(i) for i in ids.values()}
-            # jaxllm encodes with the identity normalizer and no dummy-prefix space
-            tcfg.update(tokenizer_class="LlamaTokenizer", add_prefix_space=False, legacy=False)
-        else:
-            from tokenizers import Tokenizer
-            shutil.copyfile(src, out / "tokenizer.json")
-            t = Tokenizer.from_file(str(src))
-            names = {i: t.id_to_token(i) for i in ids.values()}
-            tcfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tcfg.update({f"{k}_token": names[i] for k, i in ids.items()})
-    (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(
-        {f"{k}_token": names[i] for k, i in ids.items()}, indent=2) + "\n")
-    return ids
+    _, params, got = run.restore_params(cfg, workdir, mesh, step)
+    return got, jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
 
 
 # ----------------------------------------------------------------------------- export
-def export_hf(workdir, out, *, step=None, dtype=None, trim_vocab=False, tokenizer=None):
-    """Write the Hugging Face directory `out` for the workdir's checkpoint; returns a summary."""
-    from safetensors.numpy import save_file
+def export_hf(workdir, out, *, step=None, dtype=None, keep_vocab_padding=False,
+              tokenizer=None, arch=None, max_seq_len=None, max_shard_size=None):
+    """Write the Hugging Face directory `out` for the workdir's checkpoint; returns a summary.
 
-    from jaxllm.config import DTYPES
+    The vocabulary is cut to the tokenizer's size unless `keep_vocab_padding`; an ALiBi
+    (MPT) export allows `max_seq_len` tokens (default 8 x data.seq_len: ALiBi extrapolates);
+    `max_shard_size` (e.g. "2GB") splits the weights into shards with an index."""
     cfg = load_workdir_config(workdir)
-    fam = family(cfg.model)  # refuse before reading any checkpoint
+    kind = architecture(cfg.model, arch)  # refuse before reading any checkpoint
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype: got {dtype!r}; allowed: {', '.join(DTYPES)}")
+    if max_seq_len is not None and (kind != "mpt" or max_seq_len < 1):
+        raise ConfigError(f"--max_seq_len: got {max_seq_len}; it sets the length limit of "
+                          "ALiBi (MPT) exports only, and must be >= 1")
+    if max_shard_size is not None:
+        parse_size(max_shard_size)
     out = pathlib.Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: exists and is not empty; choose a new output directory")
     spec = tokenizer or cfg.data.tokenizer
-    vocab = None
-    if trim_vocab:
-        from jaxllm.data.tokenizers import load_tokenizer
-        vocab = load_tokenizer(spec).vocab_size
     got_step, params = restore_params(cfg, workdir, step)
-    hf, tensors = to_hf(cfg, params, vocab=vocab)
-    if dtype is not None:
-        from jaxllm.model.layers import DTYPES as NP_DTYPES
-        tensors = {k: np.asarray(v.astype(NP_DTYPES[dtype])) for k, v in tensors.items()}
-        hf["torch_dtype"] = dtype
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    ids = write_tokenizer(spec, out, cfg.data.seq_len)
+    try:
+        return _write_export(cfg, params, got_step, workdir, out, spec, kind, dtype,
+                             keep_vocab_padding, max_seq_len, max_shard_size)
+    except BaseException:  # leave no half-written export behind
+        shutil.rmtree(out, ignore_errors=True)
+        if not created:
+            out.mkdir()
+        raise
+
+
+def _write_export(cfg, params, got_step, workdir, out, spec, kind, dtype, keep_vocab_padding,
+                  max_seq_len, max_shard_size):
+    limit = max_seq_len or (8 * cfg.data.seq_len if kind == "mpt" else None)
+    ids = write_tokenizer(spec, out, limit or cfg.data.seq_len)
+    if ids["vocab"] > cfg.model.vocab_size:
+        raise ConfigError(f"--tokenizer: {spec} has {ids['vocab']} tokens; the model has "
+                          f"{cfg.model.vocab_size}")
+    hf, tensors = to_hf(cfg, params, vocab=None if keep_vocab_padding else ids["vocab"],
+                        arch=kind, max_seq_len=limit)
+    if dtype is not None:
+        tensors = {k: np.asarray(v.astype(DTYPES[dtype])) for k, v in tensors.items()}
+        hf["torch_dtype"] = dtype
     hf.update(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    files = write_weights(tensors, out, max_shard_size)
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    gen = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
-           "pad_token_id": ids["pad"], "max_length": cfg.data.seq_len}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps(generation_config(ids, hf["vocab_size"]), indent=2) + "\n")
+    tok_name = "byte" if spec == "byte" else os.path.basename(spec)
+    (out / "README.md").write_text(model_card(cfg, hf, got_step, tok_name,
+                                              run_summary(workdir, got_step)))
     (out / "jaxllm.json").write_text(json.dumps(
-        {"source": os.path.abspath(workdir), "step": got_step, "tokenizer":
-         "byte" if spec == "byte" else os.path.basename(spec),
+        {"source": os.path.abspath(workdir), "step": got_step, "tokenizer": tok_name,
          "config": json.loads(cfg.to_json_best_effort())}, indent=2) + "\n")
-    return {"family": fam, "architecture": hf["architectures"][0], "step": got_step,
-            "tensors": len(tensors), "vocab_size": hf["vocab_size"], "out": str(out)}
+    return {"family": family(cfg.model), "architecture": hf["architectures"][0],
+            "step": got_step, "tensors": len(tensors), "vocab_size": hf["vocab_size"],
+            "files": files, "out": str(out)}
 
 
 # ----------------------------------------------------------------------------- import
 def read_hf(hf_dir):
-    """(config dict, {name: np.ndarray}) of a local Hugging Face model directory."""
-    from safetensors import safe_open
-
+    """(config dict, {name: np.ndarray}) of a local Hugging Face model directory (float32,
+    bfloat16, float16 ... weights; one file or shards)."""
     d = pathlib.Path(hf_dir)
     try:
         hf = json.loads((d / "config.json").read_text())
@@ -192,23 +123,7 @@ def read_hf(hf_dir):
                           "directory?") from None
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{d / 'config.json'}: unreadable ({e})") from None
-    index = d / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (d / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise ConfigError(f"{d}: no model.safetensors (or model.safetensors.index.json); only "
-                          "safetensors weights are read (convert .bin files first)")
-    tensors = {}
-    for name in files:
-        try:
-            with safe_open(str(d / name), framework="np") as f:
-                for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    tensors[k] = f.get_tensor(k)
-        except Exception as e:  # noqa: BLE001 (safetensors raises several kinds)
-            raise ConfigError(f"{d / name}: unreadable safetensors file ({e})") from None
-    return hf, tensors
+    return hf, read_weights(d)
 
 
 def _tokenizer_for_import(d: pathlib.Path, workdir: pathlib.Path, override):
@@ -229,19 +144,13 @@ CONFIG_PY = '''"""Config of this imported workdir: jaxllm defaults updated with 
 
 `jaxllm-train --config={path} --workdir={workdir} [--config.KEY=VALUE ...]`
 """
-import json
 import pathlib
 
-from jaxllm.config import defaults
+from jaxllm.run import read_config
 
 
 def get_config(arg=None):
-    cfg = defaults()
-    saved = json.loads((pathlib.Path(__file__).parent / "config.json").read_text())
-    for sec, vals in saved.items():
-        for key, value in vals.items():
-            cfg[sec][key] = tuple(map(tuple, value)) if key == "rules" else value
-    return cfg
+    return read_config(pathlib.Path(__file__).parent)
 '''
 
 
@@ -252,17 +161,7 @@ def import_hf(hf_dir, workdir, cfg, tokenizer=None) -> dict:
     if (wd / "checkpoints").exists() and any((wd / "checkpoints").iterdir()):
         raise ConfigError(f"{wd}: already holds checkpoints; use a new --workdir")
     hf, tensors = read_hf(d)
-    keys, params = from_hf(hf, tensors, str(d / "config.json"))
-
-    import jax
-
-    from jaxllm import optim, parallel
-    from jaxllm.checkpoint import Checkpointer
-    from jaxllm.data.pipeline import make_pipeline
-    from jaxllm.train import resume
-    from jaxllm.train.loop import resolve
-    from jaxllm.train.state import abstract_state, fresh_state
-    from jaxllm.workdir_lock import acquire_for_run
+    keys, params = from_hf(hf, tensors, str(d / "config.json"), cfg.data.seq_len)
 
     cfg.model.update(keys)
     cfg.data.tokenizer = _tokenizer_for_import(d, wd, tokenizer)
@@ -290,7 +189,7 @@ def import_hf(hf_dir, workdir, cfg, tokenizer=None) -> dict:
         try:
             ckpt = Checkpointer(str((wd / "checkpoints").resolve()), cfg)
             ckpt.save(0, state, train_it, {"config": cfg.to_json_best_effort(),
-                                           **resume.data_meta(cfg, 0)})
+                                           **data_meta(cfg, 0)})
             ckpt.close()
             if jax.process_index() == 0:
                 (wd / "config.json").write_text(cfg.to_json_best_effort(indent=2))

@@ -1,10 +1,13 @@
 """Hugging Face `transformers` tensors -> jaxllm parameters: the inverse of `mapping.to_hf`
-for LlamaForCausalLM, GPT2LMHeadModel and MptForCausalLM (layout facts: `mapping`).
+for LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel and
+MptForCausalLM (layout facts: `mapping`).
 
 Whatever jaxllm cannot reproduce exactly is refused with a one-line ConfigError naming the
 key: rope scaling (Llama 3's `llama3`, YaRN, ...), a head size other than d_model/n_heads,
 activations without a jaxllm twin, GPT-2's inverse-layer-index scaling or cross-attention,
-MPT's clip_qkv / qk_ln / prefix-LM / logit scaling, and tensors with no place in jaxllm.
+MPT's clip_qkv / qk_ln / prefix-LM / logit scaling, a Mistral/Qwen2 sliding window shorter
+than the training sequence (`seq_len`; a longer one never applies), and tensors with no
+place in jaxllm.
 """
 
 from __future__ import annotations
@@ -15,16 +18,20 @@ from jaxllm.config import ConfigError
 from jaxllm.hf.mapping import GPT2_ACT, HF_ACT_ALIASES, LLAMA_ACT
 
 _IGNORED = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
-_DEFAULT_TIE = {"llama": False, "gpt2": True, "mpt": True}
+_DEFAULT_TIE = {"llama": False, "mistral": False, "qwen2": False, "gpt2": True, "mpt": True}
 
 
-def from_hf(hf: dict, tensors: dict, source: str = "config.json"):
+def from_hf(hf: dict, tensors: dict, source: str = "config.json", seq_len: int | None = None):
     """(jaxllm model keys, params with `blocks` as a per-layer list) from a transformers
-    config dict and its tensors (any float dtype; returned as float32)."""
-    fam = {"llama": "llama", "gpt2": "gpt2", "mpt": "mpt"}.get(hf.get("model_type"))
-    if fam is None:
-        raise ConfigError(f"{source}: model_type {hf.get('model_type')!r} is not supported; "
-                          "allowed: llama, gpt2, mpt")
+    config dict and its tensors (any float dtype; returned as float32). `seq_len`: the
+    sequence length the model will run at (checked against a sliding window)."""
+    kind = hf.get("model_type")
+    fam = {"mistral": "llama", "qwen2": "llama"}.get(kind, kind)
+    if fam not in _IMPORT:
+        raise ConfigError(f"{source}: model_type {kind!r} is not supported; "
+                          f"allowed: {', '.join(_DEFAULT_TIE)}")
+    if kind in ("mistral", "qwen2"):
+        _check_window(hf, source, seq_len)
     if fam == "gpt2":  # GPT2Model files name tensors without the `transformer.` prefix
         tensors = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): x
                    for k, x in tensors.items()}
@@ -46,7 +53,7 @@ def from_hf(hf: dict, tensors: dict, source: str = "config.json"):
         keys, params = _IMPORT[fam](hf, get, source)
     except KeyError as e:
         raise ConfigError(f"{source}: {fam} config has no {e.args[0]!r}") from None
-    tie = hf.get("tie_word_embeddings", _DEFAULT_TIE[fam])
+    tie = hf.get("tie_word_embeddings", _DEFAULT_TIE[kind])
     keys["tie_embeddings"] = bool(tie)
     head = get("lm_head.weight", (keys["vocab_size"], keys["d_model"]), required=not tie)
     if not tie:
@@ -83,9 +90,10 @@ def _import_llama(hf, get, source):
     f, v = hf["intermediate_size"], hf["vocab_size"]
     bias_a, bias_m = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
     use_bias = bias_a or bias_m
+    qkv = hf["model_type"] == "qwen2"  # q/k/v biases, no others
     keys = {"d_model": d, "n_layers": n, "n_heads": h, "n_kv_heads": 0 if kv == h else kv,
             "d_ff": f, "vocab_size": v, "pos_encoding": "rope", "rope_base": float(theta),
-            "max_position": 0, "norm": "rmsnorm", "use_bias": use_bias,
+            "max_position": 0, "norm": "rmsnorm", "use_bias": use_bias, "qkv_bias": qkv,
             "activation": _act(hf.get("hidden_act", "silu"), LLAMA_ACT, source, "hidden_act"),
             "norm_eps": float(hf.get("rms_norm_eps", 1e-6))}
     blocks = []
@@ -99,7 +107,11 @@ def _import_llama(hf, get, source):
         mlp = {"w_gate": get(ml + "gate_proj.weight", (f, d)).T,
                "w_up": get(ml + "up_proj.weight", (f, d)).T,
                "w_down": get(ml + "down_proj.weight", (d, f)).T}
-        if use_bias:
+        if qkv:
+            a.update(q_bias=get(at + "q_proj.bias", (h * hd,)).reshape(h, hd),
+                     k_bias=get(at + "k_proj.bias", (kv * hd,)).reshape(kv, hd),
+                     v_bias=get(at + "v_proj.bias", (kv * hd,)).reshape(kv, hd))
+        elif use_bias:
 
             def b(name, shape, on):
                 return get(name, shape) if on else np.zeros(shape, np.float32)
@@ -118,6 +130,17 @@ def _import_llama(hf, get, source):
     return keys, params
 
 
+def _check_window(hf, source, seq_len):
+    """Mistral / Qwen2: a sliding window is exact only when it covers the sequence."""
+    window = hf.get("sliding_window")
+    if hf["model_type"] == "qwen2" and not hf.get("use_sliding_window", False):
+        window = None
+    if window is not None and seq_len is not None and window < seq_len:
+        raise ConfigError(f"{source}: sliding_window={window} is shorter than data.seq_len "
+                          f"{seq_len}; jaxllm attends to the whole sequence (use "
+                          f"--config.data.seq_len={window} or less)")
+
+
 def _import_gpt2(hf, get, source):
     d, h, n = hf.get("n_embd", 768), hf.get("n_head", 12), hf.get("n_layer", 12)
     f, v, npos = hf.get("n_inner") or 4 * d, hf.get("vocab_size", 50257), hf.get(
@@ -132,7 +155,7 @@ def _import_gpt2(hf, get, source):
             "activation": _act(hf.get("activation_function", "gelu_new"), GPT2_ACT, source,
                                "activation_function"),
             "norm": "layernorm", "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
-            "use_bias": True}
+            "use_bias": True, "qkv_bias": False}
     blocks = []
     for i in range(n):
         pre = f"transformer.h.{i}."
@@ -179,6 +202,7 @@ def _import_mpt(hf, get, source):
     keys = {"d_model": d, "n_layers": n, "n_heads": h, "n_kv_heads": 0, "d_ff": 4 * d,
             "vocab_size": v, "pos_encoding": "alibi", "max_position": 0,
             "activation": "gelu_exact", "norm": "layernorm", "use_bias": False,
+            "qkv_bias": False,
             "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5))}
     blocks = []
     for i in range(n):

@@ -266,23 +266,7 @@ def _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse, do, cfg):
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _flash(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg):
-    return _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg)[0]
-
-
-def _flash_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg):
-    out, lse = _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg)
-    return out, (q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse)
-
-
-def _flash_bwd(cfg, res, do):
-    q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse = res
-    dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse, do, cfg)
-    return dq, dk, dv, None, None, None, None, None  # ids, positions, slopes: no gradient
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = tiles.with_flash_vjp(_forward, _backward)
 
 
 def _pow2_at_least(n, lo=16):

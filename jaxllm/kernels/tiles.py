@@ -18,8 +18,10 @@ orientation it computes scores (q rows x kv columns, or the transpose).
 
 from __future__ import annotations
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -91,3 +93,25 @@ def pad_tokens(x, n: int, value=0):
     widths = [(0, 0)] * x.ndim
     widths[1] = (0, n - x.shape[1])
     return jnp.pad(x, widths, constant_values=value)
+
+
+def with_flash_vjp(forward, backward):
+    """The differentiable attention of a flash kernel pair (the Triton and the Mosaic one):
+    `forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg) -> (out, lse)` and
+    `backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse, do, cfg) -> (dq, dk,
+    dv)` under `jax.custom_vjp`; ids, positions and slopes get no gradient, `cfg` is static."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+    def flash(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg):
+        return forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg)[0]
+
+    def fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg):
+        out, lse = forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg)
+        return out, (q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse)
+
+    def bwd(cfg, res, do):
+        dq, dk, dv = backward(*res, do, cfg)
+        return dq, dk, dv, None, None, None, None, None
+
+    flash.defvjp(fwd, bwd)
+    return flash

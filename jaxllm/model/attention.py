@@ -28,13 +28,13 @@ class Attention(nnx.Module):
         self.wk = param(rngs, (d, self.kv, self.hd), ("embed", "kv_heads", "head_dim"), std, pd)
         self.wv = param(rngs, (d, self.kv, self.hd), ("embed", "kv_heads", "head_dim"), std, pd)
         self.wo = param(rngs, (self.h, self.hd, d), ("heads", "head_dim", "embed"), out_std, pd)
-        if m.use_bias:
+        if m.use_bias or m.qkv_bias:  # qkv_bias: on q/k/v only (Qwen2)
             self.q_bias = param(rngs, (self.h, self.hd), ("heads", "head_dim"), None, pd)
             self.k_bias = param(rngs, (self.kv, self.hd), ("kv_heads", "head_dim"), None, pd)
             self.v_bias = param(rngs, (self.kv, self.hd), ("kv_heads", "head_dim"), None, pd)
-            self.o_bias = param(rngs, (d,), ("embed",), None, pd)
         else:
-            self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
+            self.q_bias = self.k_bias = self.v_bias = None
+        self.o_bias = param(rngs, (d,), ("embed",), None, pd) if m.use_bias else None
 
     def _proj(self, x, w, b):
         y = jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype))

@@ -15,6 +15,7 @@ from flax import nnx
 from flax.core import spmd
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+NORMS = ("layernorm", "rmsnorm")  # `model.norm`
 
 
 def param(rngs: nnx.Rngs, shape, axes, std: float | None, dtype) -> nnx.Param:
@@ -82,13 +83,26 @@ ACT = {
     "swish": jax.nn.silu,
     "sigmoid": jax.nn.sigmoid,
 }
+# gated variants (Shazeer 2020, "GLU Variants Improve Transformer"): name -> gate activation
+GATED = {"glu": "sigmoid", "reglu": "relu", "geglu": "gelu", "swiglu": "swish"}
+# `model.activation`: the plain activations (sigmoid only gates GLU) and the gated ones
+ACTIVATIONS = tuple(a for a in ACT if a != "sigmoid") + tuple(GATED)
+
+
+def resolved_d_ff(m) -> int:
+    """MLP width: explicit, else 4*d_model, or 2/3 of that rounded up to 64 when gated (the
+    parameter count of the ungated MLP, as Shazeer 2020 keeps it)."""
+    if m.d_ff:
+        return m.d_ff
+    if m.activation in GATED:
+        return -(-(2 * 4 * m.d_model // 3) // 64) * 64
+    return 4 * m.d_model
 
 
 class MLP(nnx.Module):
     """FFN(x) = act(x W1) W2, or gated (Shazeer 2020): (act(x W) * (x V)) W2."""
 
     def __init__(self, cfg, d_ff: int, rngs: nnx.Rngs):
-        from jaxllm.config import GATED
         m = cfg.model
         pd, d = DTYPES[m.param_dtype], m.d_model
         self.dtype = DTYPES[m.dtype]

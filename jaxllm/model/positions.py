@@ -12,6 +12,10 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+# `model.pos_encoding`: RoPE and ALiBi (here, applied in model/attention.py), a learned
+# table (model/transformer.py), or none
+POS_ENCODINGS = ("rope", "alibi", "learned", "none")
+
 
 def alibi_slopes(n_heads: int) -> np.ndarray:
     """Per-head ALiBi slopes (Press et al., ICLR 2022, "Train Short, Test Long").

@@ -144,6 +144,21 @@ def _fp32_flags(fp32_mask, tree) -> list[bool]:
     return flags
 
 
+def _leaf_update(g, b: int, moments, hp, c1, c2):
+    """One leaf's Adam step on dequantized moments: (update, mu codes, mu absmax, nu codes,
+    nu absmax); block size `b` 0 = float32 moments (absmax unused)."""
+    (mq, ma, vq, va), (b1, b2, eps) = moments, hp
+    g32 = g.astype(jnp.float32)
+    m = dequantize_blockwise(mq, ma, SIGNED_MAP) if b else mq
+    v = dequantize_blockwise(vq, va, UNSIGNED_MAP) if b else vq
+    m = b1 * m + (1.0 - b1) * g32
+    v = b2 * v + (1.0 - b2) * g32 * g32
+    out = ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype)
+    if b:
+        return (out, *quantize_blockwise(m, b, SIGNED_MAP), *quantize_blockwise(v, b, UNSIGNED_MAP))
+    return out, m, ma, v, va
+
+
 def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                       block_size: int = 256, min_8bit_size: int = 4096, fp32_mask=None
                       ) -> optax.GradientTransformation:
@@ -188,26 +203,11 @@ def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         g_leaves, g_def = jax.tree.flatten(updates)
         flags = _fp32_flags(fp32_mask, updates)
         fields = [jax.tree.leaves(f) for f in state[1:]]
-        outs, mus, mu_ams, nus, nu_ams = [], [], [], [], []
-        for g, fp32, mq, ma, vq, va in zip(g_leaves, flags, *fields, strict=True):
-            b = blk(g.shape, fp32)
-            g32 = g.astype(jnp.float32)
-            m = dequantize_blockwise(mq, ma, SIGNED_MAP) if b else mq
-            v = dequantize_blockwise(vq, va, UNSIGNED_MAP) if b else vq
-            m = b1 * m + (1.0 - b1) * g32
-            v = b2 * v + (1.0 - b2) * g32 * g32
-            outs.append(((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype))
-            if b:
-                mq, ma = quantize_blockwise(m, b, SIGNED_MAP)
-                vq, va = quantize_blockwise(v, b, UNSIGNED_MAP)
-            else:
-                mq, vq = m, v
-            mus.append(mq)
-            mu_ams.append(ma)
-            nus.append(vq)
-            nu_ams.append(va)
-        new_fields = [jax.tree.unflatten(jax.tree.structure(f), x)
-                      for f, x in zip(state[1:], (mus, mu_ams, nus, nu_ams), strict=True)]
+        per_leaf = [_leaf_update(g, blk(g.shape, fp32), (mq, ma, vq, va), (b1, b2, eps), c1, c2)
+                    for g, fp32, mq, ma, vq, va in zip(g_leaves, flags, *fields, strict=True)]
+        outs, *moments = zip(*per_leaf, strict=True)
+        new_fields = [jax.tree.unflatten(jax.tree.structure(f), list(x))
+                      for f, x in zip(state[1:], moments, strict=True)]
         new_state = Adam8bitState(count, *new_fields)
         finite = all_finite(updates)
         def keep(new, old):

@@ -44,14 +44,16 @@ from jaxllm.optim.sophia import gauss_newton_bartlett, hutchinson, sophia
 
 _DEFAULTS = {
     "adamw": {"lr": 6e-4, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.1},
-    "adam8bit": {"lr": 6e-4, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.1},
     "lion": {"lr": 1e-4, "b1": 0.95, "b2": 0.98, "eps": None, "weight_decay": 0.6},
     "sophia_g": {"lr": 6e-4, "b1": 0.965, "b2": 0.99, "eps": 1e-12, "weight_decay": 0.2,
                  "gamma": 0.05},
     "sophia_h": {"lr": 6e-4, "b1": 0.965, "b2": 0.99, "eps": 1e-12, "weight_decay": 0.2,
                  "gamma": 0.01},
+    "adam8bit": {"lr": 6e-4, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.1},
     "sgd": {"lr": 0.1, "b1": None, "b2": None, "eps": None, "weight_decay": 0.0},
 }
+OPTIMIZERS = tuple(_DEFAULTS)  # `optim.name`: every optimizer has a row of defaults
+HESSIAN_SCHEDULES = ("official", "paper")  # `optim.hessian_schedule` (hessian_extra_args)
 NO_DECAY_NAMES = ("scale", "bias")
 EMBEDDING_NAMES = ("embedding",)
 
@@ -90,6 +92,25 @@ def resolved_hparams(cfg) -> dict:
     return out
 
 
+def _wsd(hp, peak, end, rest, steps):
+    decay = min(max(round(hp["wsd_decay_fraction"] * steps), 1), rest)
+    return optax.schedules.join_schedules(
+        [optax.schedules.constant_schedule(peak),
+         optax.schedules.linear_schedule(peak, end, decay)], [rest - decay])
+
+
+# `optim.schedule`: the part after warmup, (hparams, peak, end lr, steps after warmup,
+# total steps) -> optax schedule
+SCHEDULES = {
+    "cosine": lambda hp, peak, end, rest, steps: optax.schedules.cosine_decay_schedule(
+        peak, rest, alpha=hp["min_lr_ratio"]),
+    "linear": lambda hp, peak, end, rest, steps: optax.schedules.linear_schedule(
+        peak, end, rest),
+    "wsd": _wsd,
+    "constant": lambda hp, peak, end, rest, steps: optax.schedules.constant_schedule(peak),
+}
+
+
 def lr_schedule(cfg) -> optax.Schedule:
     """Learning rate at optimizer step `count` (0-based; the value used by that update).
 
@@ -102,20 +123,7 @@ def lr_schedule(cfg) -> optax.Schedule:
     peak, warm, steps = hp["lr"], hp["warmup_steps"], hp["steps"]
     end = peak * hp["min_lr_ratio"]
     rest = max(steps - warm, 1)
-    kind = hp["schedule"]
-    if kind == "cosine":
-        tail = optax.schedules.cosine_decay_schedule(peak, rest, alpha=hp["min_lr_ratio"])
-    elif kind == "linear":
-        tail = optax.schedules.linear_schedule(peak, end, rest)
-    elif kind == "wsd":
-        decay = min(max(round(hp["wsd_decay_fraction"] * steps), 1), rest)
-        tail = optax.schedules.join_schedules(
-            [optax.schedules.constant_schedule(peak),
-             optax.schedules.linear_schedule(peak, end, decay)], [rest - decay])
-    elif kind == "constant":
-        tail = optax.schedules.constant_schedule(peak)
-    else:
-        raise ValueError(f"optim.schedule: got {kind!r}; allowed: cosine, linear, wsd, constant")
+    tail = SCHEDULES[hp["schedule"]](hp, peak, end, rest, steps)
     if warm == 0:
         return tail
     return optax.schedules.join_schedules(

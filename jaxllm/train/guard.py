@@ -5,10 +5,11 @@ A step whose loss or gradient norm is not finite, whose update would blow the pa
 `train.spike_sigmas` k > 0) whose loss exceeds mean + k·std of the last `train.spike_window`
 accepted losses, is skipped: the train step keeps the old parameters and optimizer state
 (`jnp.where` on the `accept` flag), so a skipped update is never applied. The window lives
-in the train state (`state["guard"]`: a ring of accepted losses, the accepted count and the
-consecutive-skip count), so skipped losses never enter its statistics and a resumed run
-continues with the same window. The spike test is active once the window is full (like the
-loss-spike skipping of PaLM, Chowdhery et al. 2022, §5.1, but automatic).
+in the train state (`state["guard"]`, laid out by `jaxllm.state.guard_shapes`: a ring of
+accepted losses, the accepted count and the consecutive-skip count), so skipped losses never
+enter its statistics and a resumed run continues with the same window. The spike test is
+active once the window is full (like the loss-spike skipping of PaLM, Chowdhery et al. 2022,
+§5.1, but automatic).
 
 On the host, `SkipTracker` turns each step's flags into `skipped_step` events and stops the
 run with `TrainingDiverged` (exit status 3) after `train.max_skips` consecutive skips.
@@ -25,18 +26,6 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive skipped (non-finite or spiking) steps."""
 
     exit_status = EXIT_DIVERGED
-
-
-def init(cfg) -> dict:
-    """The guard part of a fresh train state."""
-    return {"losses": jnp.zeros((cfg.train.spike_window,), jnp.float32),
-            "accepted": jnp.zeros((), jnp.int32), "skips": jnp.zeros((), jnp.int32)}
-
-
-def shapes(cfg) -> dict:
-    """(shape, dtype) of each guard leaf, for the abstract restore target."""
-    return {"losses": ((cfg.train.spike_window,), jnp.float32),
-            "accepted": ((), jnp.int32), "skips": ((), jnp.int32)}
 
 
 def exploded(cfg, update_norm, param_norm, new_param_norm):

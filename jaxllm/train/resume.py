@@ -19,43 +19,34 @@
 
 from __future__ import annotations
 
-import jax
-from etils import epath
-
 from jaxllm import parallel
-from jaxllm.config import SHAPE_KEYS, ConfigError
-from jaxllm.runfiles import read_config_json
-from jaxllm.train.state import abstract_state, init_state
+from jaxllm.checkpoint import data_meta
+from jaxllm.config import SHAPE_KEYS, ConfigError, get_key, keep_saved_behaviour
+from jaxllm.run import saved_config
+from jaxllm.state import abstract_state, init_state
 
 RESUME_KEYS = SHAPE_KEYS + ("train.spike_window",)
 # keys that fix the optimizer state's layout, per optimizer
 OPT_STATE_KEYS = {"adam8bit": ("optim.block_size", "optim.min_8bit_size",
                                "optim.fp32_embedding_state")}
-LAYOUT_KEYS = ("data.seq_len", "data.packing", "data.path", "data.mixture")
 
 
 def check_compatible(cfg, workdir) -> None:
-    """Refuse to resume a workdir whose saved config has other parameter shapes."""
-    path = epath.Path(workdir) / "config.json"
-    if not path.exists():
+    """Refuse to resume a workdir whose saved config has other parameter shapes; keys the
+    saved config predates keep the behaviour the run started with
+    (`config.keep_saved_behaviour`: no padding mask without `model.vocab_used`)."""
+    saved = saved_config(workdir)
+    if saved is None:
         return
-    saved = read_config_json(str(path))
+    keep_saved_behaviour(cfg, saved)
     bad = []
     for key in RESUME_KEYS + OPT_STATE_KEYS.get(cfg.optim.name, ()):
-        sec, name = key.split(".")
-        old = saved.get(sec, {}).get(name)
-        if old is not None and old != cfg[sec][name]:
-            bad.append(f"{key} (saved {old!r}, now {cfg[sec][name]!r})")
+        old, now = get_key(saved, key, None), get_key(cfg, key)
+        if old is not None and old != now:
+            bad.append(f"{key} (saved {old!r}, now {now!r})")
     if bad:
         raise ConfigError(f"{workdir}: config incompatible with its checkpoints: "
                           + ", ".join(bad) + "; use a new --workdir or restore the values")
-
-
-def data_meta(cfg, samples_seen: int) -> dict:
-    """What a checkpoint records about the data position, besides the iterator state."""
-    return {"process_count": jax.process_count(), "global_batch": cfg.train.batch_size,
-            "samples_seen": int(samples_seen),
-            **{k: cfg[k.split(".")[0]][k.split(".")[1]] for k in LAYOUT_KEYS}}
 
 
 def same_layout(cfg, meta: dict) -> bool:

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxllm.train import resume
+from jaxllm.checkpoint import data_meta
 
 
 class Saver:
@@ -38,7 +38,7 @@ class Saver:
         """Start saving `step` (asynchronously) if the state is healthy."""
         if not self.healthy(step, state):
             return
-        meta = {"config": self.cfg.to_json_best_effort(), **resume.data_meta(self.cfg, samples)}
+        meta = {"config": self.cfg.to_json_best_effort(), **data_meta(self.cfg, samples)}
         try:
             self.ckpt.save(step, state, data_iter, meta)
         finally:  # also when an earlier async save failed: report the ones that finished

@@ -1,8 +1,7 @@
 """Pure step functions: `train_step(state, batch) -> (state, metrics)` and `eval_step`.
 
 The loss is the token-weighted mean cross-entropy over non-padding targets (optionally
-plus z-loss). Logits are produced in chunks along the sequence under `jax.checkpoint`, so
-full-vocabulary float32 logits for all tokens never sit in memory at once. Gradient
+plus z-loss), from `model.loss.forward_sums` (logits chunked along the sequence). Gradient
 accumulation scans over micro-batches and normalises by the token count of the whole
 batch, so it equals the single-batch step. A non-finite loss or gradient, an update that
 would blow the parameters up, or a loss spike, skips the update (parameters and optimizer
@@ -11,59 +10,13 @@ state unchanged; `train/guard.py`).
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxllm import optim, parallel
+from jaxllm.model.loss import forward_sums, logits_and_weights
 from jaxllm.train import guard
-
-
-def chunk_size(t: int, chunk: int) -> int:
-    """Tokens per logits chunk: the largest divisor of `t` not above `chunk` (0 = all of t)."""
-    if not chunk or chunk >= t:
-        return t
-    return max(c for c in range(1, chunk + 1) if t % c == 0)
-
-
-def token_nll(model, h, targets, weights, chunk: int):
-    """Sums over tokens: (nll, z^2) and per-token nll, computing logits chunk by chunk.
-
-    Chunks run one after another (`lax.map`) under `jax.checkpoint`, so the backward pass
-    recomputes each chunk's logits instead of keeping [B, T, vocab] float32 for all tokens.
-    One chunk (the whole sequence) is computed directly: a one-step loop and a recompute
-    would only cost time (a while loop on CPU, a second logits matmul).
-    """
-    b, t, d = h.shape
-    chunk = chunk_size(t, chunk)
-    n = t // chunk
-
-    def one(hc, tc):
-        logits = model.logits(hc)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        return lse - tgt, lse
-
-    if n == 1:
-        nll, lse = one(h, targets)
-        return (nll * weights).sum(), (lse * lse * weights).sum(), nll
-    one = jax.checkpoint(one)
-    hs = h.reshape(b, n, chunk, d).swapaxes(0, 1)
-    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
-    nll, lse = jax.lax.map(lambda xs: one(*xs), (hs, ts))
-    nll = nll.swapaxes(0, 1).reshape(b, t)
-    lse = lse.swapaxes(0, 1).reshape(b, t)
-    return (nll * weights).sum(), (lse * lse * weights).sum(), nll
-
-
-def forward_sums(model_def, params, batch, chunk):
-    model = model_def.apply(params)
-    weights = (batch["segment_ids"] > 0).astype(jnp.float32)
-    h, _ = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
-    nll_sum, z_sum, nll = token_nll(model, h, batch["targets"], weights, chunk)
-    return nll_sum, z_sum, nll, weights
 
 
 def make_train_step(cfg, model_def, tx, *, nan_steps=()):
@@ -77,9 +30,7 @@ def make_train_step(cfg, model_def, tx, *, nan_steps=()):
         return (nll_sum + z_coef * z_sum) / n_tokens, nll_sum
 
     def model_fn(params, batch):
-        model = model_def.apply(params)
-        h, _ = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
-        return model.logits(h), (batch["segment_ids"] > 0).astype(jnp.float32)
+        return logits_and_weights(model_def, params, batch)
 
     def train_step(state, batch):
         params, opt_state = state["params"], state["opt_state"]
@@ -139,10 +90,3 @@ def make_eval_step(cfg, model_def):
                 "bytes": (batch["target_bytes"] * weights).sum()}
     return eval_step
 
-
-def bits_per_byte(nll_sum: float, n_bytes: float) -> float:
-    """BPB = (sum of token NLL in nats) / (sum of UTF-8 bytes) / ln 2.
-
-    Gao et al. 2020, "The Pile", sec. 3.1: comparable across tokenizers.
-    """
-    return nll_sum / max(n_bytes, 1) / math.log(2)

@@ -1,5 +1,6 @@
 """Train state: parameters (a pure dict), optimizer state, step, RNG and the step guard's
-window (`train/guard.py`), created sharded.
+window (`train/guard.py` decides with it), created sharded. Below `train` (which steps it),
+`hf` (which writes a step-0 state around imported weights) and the sizing report.
 
 `init_state` builds the model abstractly (`nnx.eval_shape`), derives every leaf's
 NamedSharding from its logical axis names, and runs the initializer under `jax.jit` with
@@ -8,31 +9,24 @@ those out_shardings, so parameters and optimizer state are born sharded.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm import optim, parallel
-from jaxllm.model.transformer import Transformer
-from jaxllm.train import guard
+from jaxllm.model.transformer import ModelDef, Transformer, abstract_model
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class ModelDef:
-    """The static half of the model: `apply(params)` rebuilds the NNX module."""
-
-    graphdef: object
-    cfg: object
-
-    def apply(self, params) -> Transformer:
-        return nnx.merge(self.graphdef, params)
+def guard_shapes(cfg) -> dict:
+    """(shape, dtype) of each leaf of the step guard's window (`train/guard.py`): a ring of
+    the last `train.spike_window` accepted losses, the accepted count, the skip count."""
+    return {"losses": ((cfg.train.spike_window,), jnp.float32),
+            "accepted": ((), jnp.int32), "skips": ((), jnp.int32)}
 
 
-def abstract_model(cfg):
-    model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(cfg.train.seed)))
-    return nnx.split(model)
+def guard_init(cfg) -> dict:
+    """The guard part of a fresh train state (zeros)."""
+    return {k: jnp.zeros(shape, dtype) for k, (shape, dtype) in guard_shapes(cfg).items()}
 
 
 def param_shardings(cfg, mesh, abstract_params):
@@ -58,10 +52,10 @@ def abstract_state(cfg, mesh, tx):
     o_sh, abstract_opt = opt_shardings(tx, abstract_pure, p_sh, mesh)
     rep = parallel.replicated(mesh)
     shardings = {"step": rep, "params": p_sh, "opt_state": o_sh, "rng": rep,
-                 "guard": {k: rep for k in guard.shapes(cfg)}}
+                 "guard": {k: rep for k in guard_shapes(cfg)}}
     tree = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_pure,
             "opt_state": abstract_opt, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
-            "guard": {k: jax.ShapeDtypeStruct(*v) for k, v in guard.shapes(cfg).items()}}
+            "guard": {k: jax.ShapeDtypeStruct(*v) for k, v in guard_shapes(cfg).items()}}
     tree = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         tree, shardings)
     return ModelDef(graphdef, cfg), tree, shardings
@@ -71,7 +65,7 @@ def fresh_state(cfg, tx, params) -> dict:
     """Step 0 around given parameters: fresh optimizer state, RNG and step guard."""
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
             "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
-            "guard": guard.init(cfg)}
+            "guard": guard_init(cfg)}
 
 
 def init_fn(cfg, tx):

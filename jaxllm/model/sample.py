@@ -4,7 +4,8 @@ The prompt fills the cache in one forward pass; each new token is one cached ste
 (`Transformer.hidden(..., cache=...)`), inside one `lax.scan`. Greedy decoding
 (temperature 0) equals decoding by full recomputation token for token
 (tests/test_sample.py). Top-p follows Holtzman et al. 2020 ("The Curious Case of Neural
-Text Degeneration"). Padded vocabulary ids (>= the tokenizer's size) are never produced.
+Text Degeneration"). Padded vocabulary ids (>= the tokenizer's size) are never produced,
+also by runs trained before the model masked them (`model.vocab_used`).
 
 Prompts of different lengths share one batch left-padded (`left_pad`, `lengths=`): padding
 slots get segment id 0, which attention never attends to, and each row's positions start at
@@ -19,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.model.transformer import mask_padding, position_limit
+
 
 def filter_logits(logits, temperature: float, top_k: int, top_p: float, vocab_limit: int):
     """Mask ids >= vocab_limit (vocabulary padding), then apply temperature/top-k/top-p."""
-    ids = jnp.arange(logits.shape[-1])
-    logits = jnp.where(ids < vocab_limit, logits, -jnp.inf)
-    logits = logits / jnp.maximum(temperature, 1e-6)
+    logits = mask_padding(logits, vocab_limit) / jnp.maximum(temperature, 1e-6)
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -40,13 +41,12 @@ def filter_logits(logits, temperature: float, top_k: int, top_p: float, vocab_li
 def check_args(cfg, prompt_len: int, n_new: int, temperature: float, top_k: int,
                top_p: float) -> None:
     """ValueError naming the argument when a request cannot be served."""
-    m = cfg.model
     if prompt_len < 1 or n_new < 1:
         raise ValueError(f"prompt ({prompt_len} tokens) and max_tokens ({n_new}) must be >= 1")
-    if m.pos_encoding == "learned" and prompt_len + n_new > (m.max_position or cfg.data.seq_len):
+    limit = position_limit(cfg)
+    if limit is not None and prompt_len + n_new > limit:
         raise ValueError(f"max_tokens: prompt ({prompt_len} tokens) + {n_new} new tokens "
-                         f"exceed the learned position table "
-                         f"({m.max_position or cfg.data.seq_len})")
+                         f"exceed the learned position table ({limit})")
     if temperature < 0:
         raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
@@ -76,8 +76,7 @@ def generate(model_def, params, prompt, rng, *, n_new: int, temperature: float =
 
     def pick(logits, key):
         if temperature == 0.0:
-            masked = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
-            return jnp.argmax(masked, axis=-1).astype(jnp.int32)
+            return jnp.argmax(mask_padding(logits, vocab_limit), axis=-1).astype(jnp.int32)
         return jax.random.categorical(
             key, filter_logits(logits, temperature, top_k, top_p, vocab_limit)).astype(jnp.int32)
 
