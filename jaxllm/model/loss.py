@@ -5,8 +5,8 @@ negative log-likelihoods (as nanoGPT's `forward` returns its loss): the hidden s
 `Transformer.hidden`, then logits chunk by chunk along the sequence under
 `jax.checkpoint` when `train.loss_chunk` splits it, so full-vocabulary float32 logits for
 all tokens never sit in memory at once (the backward pass recomputes each chunk's logits).
-Targets with `segment_ids == 0` are padding and weigh 0. The training loss, held-out evaluation, the eval harness and
-length extrapolation all call it.
+Targets with `segment_ids == 0` are padding and weigh 0. The training loss, held-out
+evaluation, the eval harness and length extrapolation all call it.
 """
 
 from __future__ import annotations
