@@ -18,23 +18,19 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax
 import numpy as np
 
-from jaxllm import config as C
+from tests.fixtures import tiny_cfg
 from jaxllm import optim, parallel
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2), (2, 1, 4)]
 STEPS = 10
 
 
-def tiny_cfg(mesh=(1, 1, 1), opt="adamw"):
-    """The test model: 2 layers, d 32, 4 heads, SwiGLU (d_ff 128), bytes, float32."""
-    c = C.tiny()
-    c.model.update(d_model=32, n_layers=2, n_heads=4, dtype="float32")
-    c.data.seq_len = 32
-    c.train.update(batch_size=8, steps=STEPS)
-    # 8-bit Adam on every matrix: blocks of 32 along the last axis
-    c.optim.update(name=opt, warmup_steps=2, block_size=32, min_8bit_size=1024)
-    c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
-    return c
+def mesh_cfg(mesh=(1, 1, 1), opt="adamw"):
+    """The test model (fixtures.tiny_cfg: 2 layers, d 32, 4 heads, SwiGLU, bytes, float32)
+    on `mesh`, with 8-bit Adam on every matrix (blocks of 32 along the last axis)."""
+    return tiny_cfg(**{"model.dtype": "float32", "train.batch_size": 8, "train.steps": STEPS,
+                       "optim.name": opt, "optim.block_size": 32, "optim.min_8bit_size": 1024,
+                       "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
 
 
 def build(cfg, n_devices):
@@ -64,12 +60,12 @@ def train_losses(cfg, batches, n_devices):
 def meshes(opt):
     from jaxllm.data.pipeline import make_pipeline
     from jaxllm.data.resolve import resolve
-    base = tiny_cfg(opt=opt)
+    base = mesh_cfg(opt=opt)
     tok = resolve(base)
     batches = list(itertools.islice(make_pipeline(base, tok, "train"), STEPS))
     out = {"1,1,1": train_losses(base, batches, 1)}
     for mesh in MESHES:
-        out[",".join(map(str, mesh))] = train_losses(tiny_cfg(mesh, opt), batches, 8)
+        out[",".join(map(str, mesh))] = train_losses(mesh_cfg(mesh, opt), batches, 8)
     return out
 
 
@@ -83,7 +79,7 @@ def shardings():
     from jaxllm.model.layers import constrain
     out = {}
     for opt in ("adamw", "adam8bit", "sophia_g"):
-        _, _, _, state, _ = build(tiny_cfg((1, 4, 2), opt), 8)
+        _, _, _, state, _ = build(mesh_cfg((1, 4, 2), opt), 8)
         leaves = {}
         for path, x in jax.tree_util.tree_leaves_with_path(state):
             key = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
@@ -92,7 +88,7 @@ def shardings():
                            "shard": list(x.addressable_shards[0].data.shape),
                            "dtype": str(x.dtype)}
         out[opt] = leaves
-    cfg = tiny_cfg((2, 2, 2))
+    cfg = mesh_cfg((2, 2, 2))
     mesh = parallel.make_mesh(cfg)
     with parallel.activate(cfg, mesh):
         f = jax.jit(lambda x, h: (constrain(x, "batch", "length", "embed"),
@@ -110,7 +106,7 @@ def init_memory():
 
     from jaxllm.data.resolve import resolve
     from jaxllm.state import abstract_state, init_fn
-    cfg = tiny_cfg((1, 8, 1))
+    cfg = mesh_cfg((1, 8, 1))
     cfg.model.update(d_model=256, n_heads=8, n_layers=2, d_ff=1024)
     resolve(cfg)
     mesh = parallel.make_mesh(cfg)
@@ -137,7 +133,7 @@ def restore(dirs):
 
     from jaxllm.data.resolve import resolve
     from jaxllm.state import abstract_state
-    cfg = tiny_cfg((8, 1, 1))
+    cfg = mesh_cfg((8, 1, 1))
     resolve(cfg)
     mesh = parallel.make_mesh(cfg)
     _, tree, _ = abstract_state(cfg, mesh, optim.build_optimizer(cfg))

@@ -152,3 +152,20 @@ def test_scan_unroll_keeps_parameters_loss_and_gradients():
         assert scan_unroll(cfg.model) == 1
     cfg.model.scan_unroll = 3
     assert [scan_unroll(cfg.model, p) for p in ("cpu", "gpu")] == [3, 3]
+
+
+def test_learned_positions_past_the_table_raise():
+    """Through the Python API a learned-position model refuses positions past its table
+    (the embedding lookup would return NaN rows): too many tokens, explicit positions, or
+    a KV cache longer than the table."""
+    _, model = build(pos_encoding="learned")  # table = data.seq_len = 32
+    assert np.isfinite(np.asarray(model(jnp.zeros((1, 32), jnp.int32)))).all()
+    with pytest.raises(ValueError, match="33 positions, but the learned position table "
+                       "holds 32"):
+        model(jnp.zeros((1, 33), jnp.int32))
+    with pytest.raises(ValueError, match="40 positions"):
+        model(jnp.zeros((1, 4), jnp.int32), positions=jnp.full((1, 4), 39, jnp.int32))
+    with pytest.raises(ValueError, match="64 positions"):
+        model.hidden(jnp.zeros((1, 4), jnp.int32), cache=model.init_cache(1, 64))
+    _, rope = build(pos_encoding="rope")  # no table: any length
+    assert np.isfinite(np.asarray(rope(jnp.zeros((1, 40), jnp.int32)))).all()
