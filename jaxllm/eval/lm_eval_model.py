@@ -2,7 +2,7 @@
 
 Importing this module registers the model name `jaxllm` in lm-eval's model registry:
 
-    lm = JaxllmLM(workdir="runs/base", batch_size=16)        # or run=<restore.Run>
+    lm = JaxllmLM(workdir="runs/base", batch_size=16)        # or run=jaxllm.run.load_run(...)
     lm_eval.simple_evaluate(model=lm, tasks=["hellaswag"])
 
 `jaxllm-lm-eval --model jaxllm --model_args workdir=DIR ...` (jaxllm/cli/lm_eval_cli.py) is
@@ -25,9 +25,9 @@ How requests become model inputs (the conventions of lm-eval's own `hf` model):
   training and bits per byte: padding ids of the embedding table (`model.vocab_used` and
   up) have -inf logits there, so they carry no probability; `is_greedy` takes the argmax
   over the tokenizer's real vocabulary (also for runs recorded before that mask).
-- `generate_until` runs the KV-cached sampler (`sample.generate`) on left-padded batches
-  of prompts (widths again powers of two), greedy unless a task sets `do_sample`/
-  `temperature`; all `max_gen_toks` tokens are generated, then the text is cut at the
+- `generate_until` runs the KV-cached sampler (`jaxllm.model.sample.generate`) on
+  left-padded batches of prompts (widths again powers of two), greedy unless a task sets
+  `do_sample`/`temperature`; all `max_gen_toks` tokens are generated, then the text is cut at the
   first EOS and at lm-eval's stop sequences (`until`). Padding ids are never produced.
 """
 
