@@ -8,8 +8,9 @@ dependency that points up, at run time only:
 
     6  cli, tools/, python -m mains   entry points: flags, `error: ...` + exit 2
     5  experiments, budget,            workflows over the layers below: ablation grids,
-       ablation_report | benchmark,    throughput, memory
-       bench_report | sizing
+       ablation_report | benchmark,    throughput (vs_torch: the same step side by side
+       bench_report, vs_torch,         with PyTorch's nanoGPT architecture in torch_gpt),
+       torch_gpt | sizing              memory
     4  train | eval | hf               the training loop; evaluation; HF export/import
     3  checkpoint, state, run,         Orbax checkpoints, the train state's layout,
        runfiles, workdir_lock          opening a run (config.json, newest good params),
@@ -31,10 +32,11 @@ LAYERS = {"config": 0, "kernels": 1, "optim": 1, "parallel": 1, "model": 2, "dat
           "checkpoint": 3, "state": 3, "run": 3, "runfiles": 3, "workdir_lock": 3,
           "train": 4, "eval": 4, "hf": 4,
           "experiments": 5, "benchmark": 5, "bench_report": 5, "sizing": 5, "budget": 5,
-          "ablation_report": 5, "stats": 0, "isolate": 1,
+          "ablation_report": 5, "vs_torch": 5, "torch_gpt": 5, "stats": 0, "isolate": 1,
           "cli": 6, "tools": 6}
 GROUPS = {"experiments": "experiments", "budget": "experiments",
           "ablation_report": "experiments", "benchmark": "benchmark",
-          "bench_report": "benchmark", "checkpoint": "run",
+          "bench_report": "benchmark", "vs_torch": "benchmark", "torch_gpt": "benchmark",
+          "checkpoint": "run",
           "state": "run", "run": "run", "runfiles": "run", "workdir_lock": "run",
           "cli": "entry", "tools": "entry"}

@@ -50,7 +50,7 @@ def test_walkthrough_runs_verbatim(tmp_path):
     bin_dir.mkdir()
     console_scripts(bin_dir)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for cmd in commands:
         proc = subprocess.run(cmd, shell=True, cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=900)
