@@ -124,13 +124,7 @@ def check_output_file(path: str, flag: str) -> None:
         fail(f"empty path ({flag}): give a file path")
     if os.path.isdir(path):
         fail(f"is a directory ({flag}={path}): give a file path")
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        fail(f"{describe_os_error(e)} [{flag}]")
-    if not os.access(parent, os.W_OK):
-        fail(f"not writable ({flag}={path}): choose a writable directory")
+    _writable_dir(os.path.dirname(os.path.abspath(path)), path, flag)
 
 
 def check_output_dir(path: str, flag: str) -> None:
@@ -139,11 +133,16 @@ def check_output_dir(path: str, flag: str) -> None:
         fail(f"empty path ({flag}): give a directory")
     if os.path.exists(path) and not os.path.isdir(path):
         fail(f"not a directory ({flag}={path}): it is an existing file; choose a directory")
+    _writable_dir(path, path, flag)
+
+
+def _writable_dir(directory: str, path: str, flag: str) -> None:
+    """Create `directory` if needed and fail unless it is writable (`path` as given)."""
     try:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(directory, exist_ok=True)
     except OSError as e:
         fail(f"{describe_os_error(e)} [{flag}]")
-    if not os.access(path, os.W_OK):
+    if not os.access(directory, os.W_OK):
         fail(f"not writable ({flag}={path}): choose a writable directory")
 
 
