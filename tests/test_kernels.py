@@ -67,6 +67,17 @@ def random_qkv(rng, b, t, h, kh, d, dtype=jnp.float32, s=None):
     return [jnp.asarray(rng.standard_normal(x), dtype) for x in shapes]
 
 
+def decode_inputs(d):
+    """Decoding: 3 new queries (positions 10-12) of 4 heads over a 40-slot cache of 2 kv
+    heads, 13 slots filled: q, k, v, q_seg, kv_seg, q_pos, kv_pos."""
+    q, k, v = random_qkv(np.random.default_rng(7), 2, 3, 4, 2, d, s=40)
+    q_seg = jnp.ones((2, 3), jnp.int32)
+    q_pos = jnp.broadcast_to(jnp.arange(10, 13, dtype=jnp.int32), (2, 3))
+    kv_seg = jnp.asarray(np.tile(np.arange(40) < 13, (2, 1)), jnp.int32)
+    kv_pos = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (2, 40))
+    return q, k, v, q_seg, kv_seg, q_pos, kv_pos
+
+
 @pytest.mark.parametrize("alibi,causal", [(True, True), (False, True), (True, False)])
 def test_xla_reference_matches_numpy_on_packed_batch(alibi, causal):
     rng = np.random.default_rng(0)
@@ -325,12 +336,7 @@ def test_dispatcher_flash_matches_xla_with_default_ids():
 @pytest.mark.parametrize("backend", ["flash", "cudnn"])
 def test_kv_cache_shapes_match_reference(backend):
     """Decoding: 3 new queries (positions 10-12) over a 40-slot cache, 13 slots filled."""
-    rng = np.random.default_rng(7)
-    q, k, v = random_qkv(rng, 2, 3, 4, 2, 16, s=40)
-    q_seg = jnp.ones((2, 3), jnp.int32)
-    q_pos = jnp.broadcast_to(jnp.arange(10, 13, dtype=jnp.int32), (2, 3))
-    kv_seg = jnp.asarray(np.tile(np.arange(40) < 13, (2, 1)), jnp.int32)
-    kv_pos = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (2, 40))
+    q, k, v, q_seg, kv_seg, q_pos, kv_pos = decode_inputs(16)
     sl = jnp.asarray(slopes_for(4))
     if backend == "flash":
         got = flash.attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, sl)

@@ -15,8 +15,8 @@ import pytest
 
 from jaxllm import kernels
 from jaxllm.kernels import flash_tpu, splash, xla
-from tests.test_kernels import (MODEL_MESH_SCRIPT, packed_ids, random_qkv, rel, run_on_8_devices,
-                                slopes_for, value_and_grads)
+from tests.test_kernels import (MODEL_MESH_SCRIPT, decode_inputs, packed_ids, random_qkv, rel,
+                                run_on_8_devices, slopes_for, value_and_grads)
 
 B128 = flash_tpu.BlockSizes(*[128] * 6)
 
@@ -150,12 +150,7 @@ def test_compare_backends_on_each_platform():
 def test_decoding_over_a_cache_matches_reference(backend):
     """3 new queries (positions 10-12) over a 40-slot cache, 13 filled (T != S). splash's
     causal mask is by index, so that backend runs xla here; the flash kernel takes it."""
-    rng = np.random.default_rng(7)
-    q, k, v = random_qkv(rng, 2, 3, 4, 2, 64, s=40)
-    q_seg = jnp.ones((2, 3), jnp.int32)
-    q_pos = jnp.broadcast_to(jnp.arange(10, 13, dtype=jnp.int32), (2, 3))
-    kv_seg = jnp.asarray(np.tile(np.arange(40) < 13, (2, 1)), jnp.int32)
-    kv_pos = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (2, 40))
+    q, k, v, q_seg, kv_seg, q_pos, kv_pos = decode_inputs(64)
     sl = jnp.asarray(slopes_for(4)) if backend == "flash_tpu" else None
     fn = {"splash": splash.attention, "flash_tpu": flash_tpu.attention}[backend]
     got = fn(q, k, v, q_seg, kv_seg, q_pos, kv_pos, sl, interpret=True)
