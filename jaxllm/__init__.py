@@ -6,7 +6,7 @@ Layers, lowest first. A module imports only from lower layers and from its own p
 the choice registries of layers 1-2 by name when it validates (`config.SCHEMA`), the one
 dependency that points up, at run time only:
 
-    6  cli, tools/, python -m mains   entry points: flags, `error: ...` + exit 2
+    6  cli, tools/                    entry points: flags, `error: ...` + exit 2
     5  experiments, budget,            workflows over the layers below: ablation grids,
        ablation_report | benchmark,    throughput (vs_torch: the same step side by side
        bench_report, vs_torch,         with PyTorch's nanoGPT architecture in torch_gpt),
@@ -21,7 +21,7 @@ dependency that points up, at run time only:
     1  kernels | optim | parallel      attention backends (no Flax), optax transforms,
        | isolate                       meshes and logical-axis rules, one-row subprocesses
     0  config | stats                  keys, defaults, validation (imports no jaxllm module);
-                                       statistics of seeds (numpy only)
+                                       statistics of seeds (numpy, scipy)
 """
 
 __version__ = "0.1.0"
@@ -40,3 +40,16 @@ GROUPS = {"experiments": "experiments", "budget": "experiments",
           "checkpoint": "run",
           "state": "run", "run": "run", "runfiles": "run", "workdir_lock": "run",
           "cli": "entry", "tools": "entry"}
+
+# Imports sit at the top of each module; a function-local import is kept only (checked by
+# tests/test_layers.py) where the imported module is optional or slow to load (SLOW, by
+# top-level name; ON_DEMAND: one platform's attention backend, the lm-eval adapter that
+# needs the `eval` extra), or where the importing module must load without JAX (LIGHT):
+# the entry points check their flags before JAX starts, and the PyTorch workers of the CPU
+# benchmark never load XLA.
+SLOW = ("torch", "lm_eval", "wandb", "tensorboardX", "pyarrow", "matplotlib", "scipy")
+ON_DEMAND = ("kernels.cudnn", "kernels.flash", "kernels.flash_tpu", "kernels.splash",
+             "eval.lm_eval_model")
+LIGHT = ("cli", "tools", "config", "stats", "isolate", "bench_report", "torch_gpt", "vs_torch",
+         "runfiles", "data", "data.corpus", "data.tokenizers", "data.tokenizer_training",
+         "data.prepare", "data.resolve", "data.seqlen")

@@ -20,6 +20,7 @@ import os
 import numpy as np
 
 from jaxllm import stats
+from jaxllm.eval.report import read_metrics
 
 UNITS = {"tokens": None, "bytes": "bytes_per_token", "flops": "flops_per_token"}
 
@@ -150,8 +151,6 @@ def plot(root: str, summary: list[dict], rows: list[dict], unit: str) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from jaxllm.eval.report import read_metrics
 
     fig, ax = plt.subplots(figsize=(9, 6))
     for c in summary:

@@ -20,7 +20,14 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+from flax import nnx
+
 from jaxllm.config import ConfigError
+from jaxllm.data.pipeline import load_split
+from jaxllm.data.resolve import resolve
+from jaxllm.model.transformer import abstract_model
+from jaxllm.train import metrics
 
 KINDS = ("tokens", "bytes", "flops")
 
@@ -45,11 +52,6 @@ def tokens_per_step(cfg) -> int:
 def bytes_per_token(cfg, sample_bytes: int = 4_000_000) -> float:
     """UTF-8 bytes per token of the configured tokenizer on the first documents of the
     training split (at least `sample_bytes` of text, or all of it)."""
-    import numpy as np
-
-    from jaxllm.data.pipeline import load_split
-    from jaxllm.data.resolve import resolve
-
     cfg = copy.deepcopy(cfg)
     tokenizer = resolve(cfg)
     split = load_split(cfg, tokenizer, "train")
@@ -67,12 +69,6 @@ def bytes_per_token(cfg, sample_bytes: int = 4_000_000) -> float:
 
 def model_flops_per_token(cfg) -> float:
     """The MFU formula's FLOPs per token for `cfg` (parameters counted abstractly)."""
-    from flax import nnx
-
-    from jaxllm.train import metrics
-    from jaxllm.data.resolve import resolve
-    from jaxllm.model.transformer import abstract_model
-
     cfg = copy.deepcopy(cfg)
     resolve(cfg)
     _, abstract = abstract_model(cfg)

@@ -41,8 +41,16 @@ import os
 
 from ml_collections import ConfigDict
 
+from jaxllm import ablation_report
+from jaxllm.budget import apply_budget, per_token, tokens_per_step
 from jaxllm.config import ConfigError, set_key, unknown_key, validate
-from jaxllm.eval.evaluate import LM_EVAL_COLUMNS
+from jaxllm.data.corpus import expand_inputs
+from jaxllm.data.tokenizer_training import train_tokenizer
+from jaxllm.eval.evaluate import LM_EVAL_COLUMNS, evaluate
+from jaxllm.eval.report import read_metrics, summarize
+from jaxllm.optim import resolved_hparams
+from jaxllm.run import load_run
+from jaxllm.train.loop import train
 
 log = logging.getLogger("jaxllm")
 
@@ -116,9 +124,6 @@ def cell_config(base: ConfigDict, overrides: dict, tokenizers: dict) -> ConfigDi
 
 def prepare_tokenizers(grid: dict, root: str) -> dict:
     """Train every `train:KIND:VOCAB` tokenizer of the grid once (kept under ROOT)."""
-    from jaxllm.data.corpus import expand_inputs
-    from jaxllm.data.tokenizer_training import train_tokenizer
-
     specs = {v for vals in grid["axes"].values() for ov in vals.values()
              for k, v in ov.items() if k == "data.tokenizer" and str(v).startswith("train:")}
     out = {}
@@ -141,7 +146,6 @@ def prepare_tokenizers(grid: dict, root: str) -> dict:
 
 
 def _trained(workdir: str, steps: int) -> bool:
-    from jaxllm.eval.report import read_metrics
     if not os.path.isdir(os.path.join(workdir, "checkpoints", str(steps))):
         return False
     try:
@@ -174,9 +178,6 @@ def run_name(cell: str, seed: int, lr_mult: float) -> str:
 def plan_runs(grid: dict, tokenizers: dict, seeds: int = 1, lr_sweep=(1.0,),
               budget: tuple[str, float] | None = None) -> list[Run]:
     """Every run of the grid, cell by cell (budget derivations made once per cell)."""
-    from jaxllm.budget import apply_budget, per_token, tokens_per_step
-    from jaxllm.optim import resolved_hparams
-
     out, bpt = [], {}
     for name, labels, ov in cells(grid):
         cell = cell_config(grid["base"], ov, tokenizers)
@@ -222,11 +223,6 @@ def _cached(workdir: str, run: Run) -> dict | None:
 
 def run_cell(run: Run, workdir: str, ev: dict, sweep: bool = False) -> dict:
     """Train (unless finished) and evaluate (unless done) one run; returns its row."""
-    from jaxllm.eval.evaluate import evaluate
-    from jaxllm.eval.report import summarize
-    from jaxllm.run import load_run
-    from jaxllm.train.loop import train
-
     cached = _cached(workdir, run)
     if cached is not None:
         return cached
@@ -265,8 +261,6 @@ def run_grid(grid: dict, root: str, overrides: dict | None = None, *, seeds: int
              baseline: str | None = None, log=print) -> dict:
     """Run every run of the grid (resuming), then write ROOT/table.md, results.json and
     the bpb plots (jaxllm.ablation_report). Returns the results dict."""
-    from jaxllm import ablation_report
-
     base = copy.deepcopy(grid["base"])
     for key, value in (overrides or {}).items():
         _set(base, key, value)

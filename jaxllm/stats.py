@@ -24,7 +24,7 @@ LEVEL = 0.95
 
 def t_interval(xs, level: float = LEVEL) -> dict:
     """{n, mean, std, lo, hi}; std, lo and hi are NaN with fewer than two values."""
-    from scipy import stats
+    from scipy import stats  # about 1 s to import; only the t quantile needs it
 
     x = np.asarray(xs, np.float64)
     n = len(x)

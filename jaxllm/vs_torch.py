@@ -26,6 +26,14 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+from ml_collections import ConfigDict
+
+from jaxllm.bench_report import write_report
+from jaxllm.config import validate
+from jaxllm.isolate import child_env
+from jaxllm.torch_gpt import make_trainer
+
 # (name, d_model, n_layers, n_heads, seq_len, batch, vocab)
 SHAPES = (("d256 L4 T256", 256, 4, 4, 256, 16, 384),
           ("d128 L4 T64", 128, 4, 4, 64, 16, 384),
@@ -38,7 +46,6 @@ LABELS = {"torch_eager": "PyTorch eager (nanoGPT architecture)",
 
 def jax_config(base, shape):
     """`base` set to nanoGPT's architecture at `shape` (float32, XLA attention on CPU)."""
-    from jaxllm.config import validate
     _, d, n_layers, n_heads, seq_len, batch, vocab = shape
     cfg = copy.deepcopy(base)
     cfg.model.update(d_model=d, n_layers=n_layers, n_heads=n_heads, vocab_size=vocab,
@@ -52,7 +59,6 @@ def jax_config(base, shape):
 
 
 def _tokens(shape, seed: int = 0):
-    import numpy as np
     _, _, _, _, t, b, vocab = shape
     toks = np.random.default_rng(seed).integers(0, vocab, (b, t + 1), dtype=np.int32)
     return toks[:, :-1].copy(), toks[:, 1:].copy()
@@ -60,8 +66,7 @@ def _tokens(shape, seed: int = 0):
 
 def _jax_step(spec):
     """(step() -> loss, params, compile seconds) for jaxllm's real train step."""
-    import jax
-    from ml_collections import ConfigDict
+    import jax  # JAX only in this worker: the PyTorch workers never load XLA
 
     from jaxllm import benchmark as B
     from jaxllm import parallel
@@ -78,7 +83,6 @@ def _jax_step(spec):
 
 
 def _torch_step(spec):
-    from jaxllm.torch_gpt import make_trainer
     _, d, n_layers, n_heads, seq_len, _, vocab = spec["shape"]
     x, y = _tokens(spec["shape"])
     train, n_params = make_trainer(vocab, seq_len, d, n_layers, n_heads,
@@ -159,8 +163,6 @@ class _Worker:
 def compare(base, shapes=SHAPES, impls=IMPLS, *, rounds: int = 5, steps_per_round: int = 2,
             warmup: int = 2, out_dir: str = "", echo=print) -> dict:
     """Run every implementation at every shape, interleaved; return (and write) the report."""
-    from jaxllm.bench_report import write_report
-    from jaxllm.isolate import child_env
     env = {**child_env(), "JAX_PLATFORMS": "cpu"}
     load0 = os.getloadavg()
     rows = []

@@ -25,6 +25,9 @@ import sys
 import time
 import uuid
 
+import numpy as np
+from jax.experimental import multihost_utils
+
 from jaxllm.config import ConfigError
 
 LOCK_NAME = "jaxllm.lock"
@@ -159,8 +162,6 @@ def acquire_for_run(workdir: str, lead: bool, process_count: int) -> WorkdirLock
         except WorkdirBusy as e:
             error = e
     if process_count > 1 and local:
-        import numpy as np
-        from jax.experimental import multihost_utils
         refused = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
         if int(refused) and error is None:
             raise WorkdirBusy(f"workdir in use ({workdir}): process 0 was refused the lock; "

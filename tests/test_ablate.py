@@ -73,13 +73,10 @@ def test_ablation_grid_runs_tabulates_and_resumes(tmp_path, capsys, monkeypatch)
 
     # resumable: a second call trains and evaluates nothing ...
     stamps = {n: os.path.getmtime(root / n / "checkpoints" / "6") for n in names}
-    import jaxllm.eval.evaluate
-    import jaxllm.train.loop
-
     def boom(*a, **k):
         raise AssertionError("reran a finished cell")
-    monkeypatch.setattr(jaxllm.train.loop, "train", boom)
-    monkeypatch.setattr(jaxllm.eval.evaluate, "evaluate", boom)
+    monkeypatch.setattr(ex, "train", boom)
+    monkeypatch.setattr(ex, "evaluate", boom)
     ablate.main([f"--grid={grid}", f"--root={root}"])
     rows2 = json.loads((root / "results.json").read_text())["runs"]
     assert all(r["status"] == "cached" for r in rows2)
@@ -87,7 +84,7 @@ def test_ablation_grid_runs_tabulates_and_resumes(tmp_path, capsys, monkeypatch)
     assert stamps == {n: os.path.getmtime(root / n / "checkpoints" / "6") for n in names}
     # ... and a cell whose evaluation is missing is evaluated again, not retrained
     monkeypatch.undo()
-    monkeypatch.setattr(jaxllm.train.loop, "train", boom)
+    monkeypatch.setattr(ex, "train", boom)
     os.remove(root / names[3] / "ablation.json")
     rows3 = ex.run_grid(ex.load_grid(str(grid)), str(root), log=lambda *a: None)["runs"]
     assert [r["status"] for r in rows3].count("evaluated") == 1
@@ -157,8 +154,6 @@ def test_seeds_sweep_tables_plots_and_reuse(tmp_path, capsys, monkeypatch):
     four new runs; the table has intervals, the paired difference, the chosen lr."""
     import ablate
 
-    import jaxllm.train.loop
-
     names = ("bisect.py", "colorsys.py", "fnmatch.py", "glob.py", "shlex.py", "queue.py",
              "sched.py", "heapq.py", "bdb.py", "abc.py")  # distinct documents in each split
     data = write_jsonl(tmp_path / "corpus.jsonl", corpus_texts(names))
@@ -171,9 +166,8 @@ def test_seeds_sweep_tables_plots_and_reuse(tmp_path, capsys, monkeypatch):
     first = json.loads((root / "results.json").read_text())
     assert len(first["runs"]) == 4 and all(r["status"] == "trained" for r in first["runs"])
     trained = []
-    real = jaxllm.train.loop.train
-    monkeypatch.setattr(jaxllm.train.loop, "train",
-                        lambda cfg, wd, **k: trained.append(wd) or real(cfg, wd, **k))
+    real = ex.train
+    monkeypatch.setattr(ex, "train", lambda cfg, wd, **k: trained.append(wd) or real(cfg, wd, **k))
     ablate.main([*args, "--seeds=2"])
     out = capsys.readouterr().out
     res = json.loads((root / "results.json").read_text())

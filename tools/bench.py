@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from absl import flags
 
+from jaxllm import bench_report, isolate
+from jaxllm import vs_torch as V
 from jaxllm.cli import define_config_flag, parse_config
 from jaxllm.cli.errors import check_output_dir, fail, user_errors
 
@@ -65,7 +67,6 @@ def _ints(name):
 
 
 def _vs_torch(base):
-    from jaxllm import vs_torch as V
     steps = FLAGS.steps if FLAGS["steps"].present or not FLAGS.tiny else 2
     rounds = FLAGS.rounds if FLAGS["rounds"].present or not FLAGS.tiny else 2
     if steps < 1 or rounds < 1 or FLAGS.warmup < 0:
@@ -98,7 +99,7 @@ def main(argv=None):
                      f"{1 if name in ('steps', 'vocab') else 0}")
         import jax
 
-        from jaxllm import bench_report, isolate, kernels
+        from jaxllm import kernels
         from jaxllm import benchmark as B
 
         if FLAGS.vs_torch:

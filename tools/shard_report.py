@@ -24,6 +24,7 @@ import jaxllm.config as jaxllm_config
 from jaxllm.cli import define_config_flag, parse_config
 from jaxllm.cli.errors import user_errors
 from jaxllm.config import ConfigError
+from jaxllm.data.resolve import resolve
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("mesh", "", "data,fsdp,tensor sizes (-1 = the rest); default: config")
@@ -49,7 +50,6 @@ def main(argv) -> None:
             cfg.mesh.update(data=sizes[0], fsdp=sizes[1], tensor=sizes[2])
             jaxllm_config.validate(cfg)
         from jaxllm import sizing
-        from jaxllm.data.resolve import resolve
         resolve(cfg)
         r = sizing.report(cfg, FLAGS.devices)
     print(json.dumps(r, indent=2) if FLAGS.json else sizing.format_report(r))

@@ -6,7 +6,12 @@ from __future__ import annotations
 import os
 import sys
 
-from jaxllm.cli.errors import fail
+from absl import flags
+from ml_collections import config_flags
+
+import jaxllm.config as jaxllm_config
+from jaxllm.cli.errors import check_number, fail, quiet_libraries
+from jaxllm.config import defaults, unknown_key, validate
 
 
 def define_config_flag(argv, name: str = "config", default: str | None = None,
@@ -15,10 +20,6 @@ def define_config_flag(argv, name: str = "config", default: str | None = None,
     """Define `--config` (an ml_collections config file, locked; default: the tiny CPU config
     in jaxllm/config.py) and `--verbose`. Defining `--config` already applies
     `--config.KEY=VALUE` overrides, so it runs under the error contract."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    import jaxllm.config as jaxllm_config
     if "verbose" not in flags.FLAGS:
         flags.DEFINE_bool("verbose", False, "show library (absl/Orbax/JAX) logging")
     if name in flags.FLAGS:
@@ -34,10 +35,6 @@ def parse_config(flag_values, argv):
     """Parse absl flags (ml_collections config file + `--config.KEY=VALUE` overrides) under
     the error contract (positional arguments and non-finite numbers refused), then
     validate."""
-    from absl import flags
-
-    from jaxllm.cli.errors import check_number, quiet_libraries
-    from jaxllm.config import validate
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
         doc = (sys.modules["__main__"].__doc__ or "").strip()
         helps = [flag_values.module_help(m) for m in flag_values.flags_by_module_dict()
@@ -71,7 +68,6 @@ def parse_config(flag_values, argv):
 
 def _unknown_key(argv) -> str:
     """Name the first `--config.KEY=...` override that is not in the schema."""
-    from jaxllm.config import defaults, unknown_key
     schema = defaults()
     for arg in argv:
         if arg.startswith("--config."):

@@ -23,7 +23,10 @@ import logging
 import math
 import os
 import sys
+import traceback
 from contextlib import contextmanager
+
+from jaxllm.config import ConfigError
 
 EXIT_USER = 2  # exit status of every user-caused failure
 LIBRARY_LOGGERS = ("absl", "orbax", "jax", "jax._src", "etils", "grain", "tensorboardX")
@@ -74,7 +77,6 @@ def describe_os_error(e: OSError) -> str:
 @contextmanager
 def user_errors():
     """Run a command body under the error contract (see the module docstring)."""
-    from jaxllm.config import ConfigError
     try:
         yield
     except ConfigError as e:
@@ -167,8 +169,6 @@ def _drop_background_noise(hook, whole: bool):
     background writers leave behind after a failed save (an event loop closed under a
     pending write, coroutines collected at exit): frames of asyncio/Orbax/TensorStore only
     (`whole`), or any such frame for unraisable ones. Anything from our code still shows."""
-    import traceback
-
     def filtered(*args):
         tb = args[2] if len(args) == 3 else getattr(args[0], "exc_traceback", None)
         files = [f.filename for f in traceback.extract_tb(tb)] if tb is not None else []

@@ -19,6 +19,8 @@ import itertools
 import pathlib
 import sys
 
+import sentencepiece as spm
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from jaxllm.data.corpus import BadRecords, iter_texts
@@ -81,8 +83,6 @@ def train_tokenizer(files: list[str], kind: str, vocab_size: int, output: str, *
 
 def _train_sentencepiece(lines, model_type: str, vocab_size: int, out: pathlib.Path) -> None:
 
-    import sentencepiece as spm
-
     first = next(lines, None)
     if first is None:
         raise ValueError("input: no training text found")
@@ -103,8 +103,6 @@ def _train_sentencepiece(lines, model_type: str, vocab_size: int, out: pathlib.P
 
 
 def _train_byte_bpe(lines, vocab_size: int, out: pathlib.Path, progress: bool) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()

@@ -29,6 +29,9 @@ import os
 import pathlib
 
 import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as pb
+from tokenizers import Tokenizer
 
 
 class ByteTokenizer:
@@ -75,9 +78,6 @@ class SentencePieceTokenizer(_TableTokenizer):
     """A SentencePiece BPE or unigram model with byte fallback (see module docstring)."""
 
     def __init__(self, path: pathlib.Path, data: bytes):
-        import sentencepiece as spm
-        from sentencepiece import sentencepiece_model_pb2 as pb
-
         proto = pb.ModelProto()
         try:
             proto.ParseFromString(data)
@@ -147,8 +147,6 @@ class ByteLevelBPETokenizer(_TableTokenizer):
     kind = "byte_bpe"
 
     def __init__(self, path: pathlib.Path, data: bytes):
-        from tokenizers import Tokenizer
-
         def nodes(node) -> list:
             if not isinstance(node, dict):
                 return []

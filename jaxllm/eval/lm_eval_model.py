@@ -37,6 +37,8 @@ import json
 import logging
 from collections import defaultdict
 
+import jax
+import lm_eval
 import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
@@ -44,10 +46,12 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
+from jaxllm import parallel
 from jaxllm.config import ConfigError
 from jaxllm.eval.harness import bucket_length
 from jaxllm.model.sample import cut_at_eos, generate, left_pad
 from jaxllm.eval.scoring import Request, Scorer, continuation_request
+from jaxllm.run import load_run
 
 log = logging.getLogger("jaxllm")
 IGNORED_ARGS = ("device", "max_batch_size")  # lm-eval's CLI passes these to every model
@@ -79,7 +83,6 @@ class JaxllmLM(TemplateLM):
         bs, self.max_gen_toks = self._batch_size(batch_size), _int_arg("max_gen_toks",
                                                                         max_gen_toks)
         if run is None:
-            from jaxllm.run import load_run
             if not workdir:
                 raise ConfigError("--model_args: workdir=DIR (a jaxllm training workdir) "
                                   "is required")
@@ -94,7 +97,6 @@ class JaxllmLM(TemplateLM):
     def _batch_size(value) -> int:
         """An integer, rounded up to a multiple of the device count (rows are split evenly
         over the devices). lm-eval's `auto` search is not offered."""
-        import jax
         if isinstance(value, str) and value.startswith("auto"):
             raise ConfigError("--batch_size auto: not supported by the jaxllm model; give an "
                               "integer (rows per forward pass)")
@@ -235,10 +237,6 @@ class JaxllmLM(TemplateLM):
         return out
 
     def _generate_batch(self, prompts: list[list[int]], n_new: int, kw: dict, seed: int):
-        import jax
-
-        from jaxllm import parallel
-
         width = bucket_length(max(map(len, prompts)), self.max_length - n_new)
         batch, lengths = left_pad(prompts, width, self.batch_size)
         temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
@@ -254,7 +252,7 @@ def task_manager(names: list[str], include_path: str = ""):
     """lm-eval's TaskManager for `names`: the `include_path` folder alone when it defines
     them all (indexing lm-eval's thousands of built-in YAMLs takes a while), else the
     built-in tasks plus that folder. Unknown names are a ConfigError."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # 1-2 s to import; only task runs need it
 
     tm = None
     if include_path:
@@ -270,7 +268,6 @@ def task_manager(names: list[str], include_path: str = ""):
 
 
 def lm_eval_version() -> str:
-    import lm_eval
     return lm_eval.__version__
 
 
@@ -279,8 +276,6 @@ def evaluate_tasks(run, names: list[str], tm=None, *, batch_size: int = 8,
     """Run lm-eval tasks (or groups) on a restored run: one row per task with lm-eval's
     metrics (filter `none`; other filters as `metric,filter`) and `n`, the documents scored;
     `limit` > 0 scores only the first documents of each task. `tm`: a `task_manager`."""
-    import lm_eval
-
     tm = tm or task_manager(names)
     lm = JaxllmLM(run=run, batch_size=batch_size, max_length=max_length)
     res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm,

@@ -21,17 +21,17 @@ import json
 import pathlib
 import shutil
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
 from jaxllm.config import ConfigError
+from jaxllm.data.tokenizers import ByteTokenizer, bytes_to_unicode, load_tokenizer
 
 BYTE_SPECIALS = {"<pad>": 256, "<s>": 257, "</s>": 258}  # jaxllm ByteTokenizer ids
 
 
 def byte_tokenizer():
     """The `tokenizers.Tokenizer` of jaxllm's byte ids (no post-processor)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    from jaxllm.data.tokenizers import bytes_to_unicode  # GPT-2's {char: byte} map
-    byte_of = bytes_to_unicode()
+    byte_of = bytes_to_unicode()  # GPT-2's {char: byte} map
     assert sorted(pre_tokenizers.ByteLevel.alphabet()) == sorted(byte_of)
     tok = Tokenizer(models.BPE(vocab=dict(byte_of), merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -47,8 +47,6 @@ def byte_tokenizer_json() -> str:
 
 def _with_document_start(tok, start: str, start_id: int) -> str:
     """tokenizer.json text of `tok` with `start` prepended to every encoded text."""
-    from tokenizers import processors
-
     template = processors.TemplateProcessing(
         single=f"{start} $A", pair=f"{start} $A {start} $B:1",
         special_tokens=[(start, start_id)])
@@ -60,7 +58,6 @@ def _with_document_start(tok, start: str, start_id: int) -> str:
 
 
 def _load(spec: str):
-    from jaxllm.data.tokenizers import load_tokenizer
     src = pathlib.Path(spec).expanduser()
     if not src.is_file():
         raise ConfigError(f"data.tokenizer: {src} not found; pass --tokenizer=PATH")
@@ -77,7 +74,6 @@ def write_tokenizer(spec: str, out: pathlib.Path, max_length: int) -> dict:
     tcfg = {"add_bos_token": True, "add_eos_token": False, "model_max_length": max_length,
             "split_special_tokens": True, "clean_up_tokenization_spaces": False}
     if spec == "byte":
-        from jaxllm.data.tokenizers import ByteTokenizer
         ours = ByteTokenizer()
         names = {v: k for k, v in BYTE_SPECIALS.items()}
         (out / "tokenizer.json").write_text(

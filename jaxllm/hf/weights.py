@@ -21,6 +21,7 @@ import re
 
 import ml_dtypes
 import numpy as np
+from safetensors.numpy import save_file
 
 from jaxllm.config import ConfigError
 
@@ -88,8 +89,6 @@ def parse_size(text) -> int:
 def write_weights(tensors: dict, out: pathlib.Path, max_shard_size=None) -> list[str]:
     """Write `tensors` into `out`; returns the file names written. Shards fill in the
     tensors' order up to `max_shard_size` bytes each (a larger tensor gets its own)."""
-    from safetensors.numpy import save_file
-
     limit = math.inf if max_shard_size is None else parse_size(max_shard_size)
     shards, size = [[]], 0
     for name, x in tensors.items():

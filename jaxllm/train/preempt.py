@@ -25,14 +25,13 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 
 def _sync_manager() -> bool:
-    try:
-        from jax._src import distributed
-        return distributed.global_state.preemption_sync_manager is not None
-    except (ImportError, AttributeError):
-        return False
+    """Whether JAX's preemption sync manager runs: `jax.distributed.initialize` starts it
+    when the `jax_enable_preemption_service` option is on (its default)."""
+    return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
 
 
 class Preemption:
@@ -61,12 +60,10 @@ class Preemption:
         if not self.multi:
             return self.signum is not None
         if self.sync:
-            from jax.experimental import multihost_utils
             if multihost_utils.reached_preemption_sync_point(step):
                 self.signum = self.signum or signal.SIGTERM
                 return True
         if step % self.check_every == 0:
-            from jax.experimental import multihost_utils
             flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
             if np.any(flags):
                 self.signum = self.signum or int(np.max(flags))

@@ -1,5 +1,0 @@
-"""`python -m jaxllm.train` is `jaxllm-train`."""
-
-from jaxllm.cli.train import main
-
-main()
