@@ -167,8 +167,8 @@ def test_tile_classes_are_sound_against_the_full_mask(causal):
     one causal document gives exactly the lower triangle with a masked diagonal."""
     rng = np.random.default_rng(6)
     seg, pos = packed_ids(rng, 3, 128, docs=2, pad=20)
-    cls = np.asarray(tiles.tile_classes(jnp.asarray(seg), jnp.asarray(pos), jnp.asarray(seg),
-                                        jnp.asarray(pos), 16, 32, causal))
+    seg_, pos_ = jnp.asarray(seg), jnp.asarray(pos)
+    cls = np.asarray(tiles.tile_classes(tiles.Ids(seg_, seg_, pos_, pos_), 16, 32, causal))
     mask = np.asarray(xla.mask_and_bias(jnp.asarray(seg), jnp.asarray(seg), jnp.asarray(pos),
                                         jnp.asarray(pos), None, causal)[0])[:, 0]
     blocks = mask.reshape(3, 8, 16, 4, 32).transpose(0, 1, 3, 2, 4)  # [B, nq, nk, bq, bk]
@@ -176,7 +176,7 @@ def test_tile_classes_are_sound_against_the_full_mask(causal):
     assert (cls == 0).sum() > 0 and (cls == 2).sum() > 0
     one = jnp.ones((1, 64), jnp.int32)
     ar = jnp.arange(64, dtype=jnp.int32)[None]
-    cls = np.asarray(tiles.tile_classes(one, ar, one, ar, 16, 16, causal))[0]
+    cls = np.asarray(tiles.tile_classes(tiles.Ids(one, one, ar, ar), 16, 16, causal))[0]
     want = np.tril(np.full((4, 4), 2)) - np.eye(4, dtype=int) if causal else np.full((4, 4), 2)
     np.testing.assert_array_equal(cls, want)
 
