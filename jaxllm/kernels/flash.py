@@ -41,27 +41,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxllm.kernels import placement, tiles
+from jaxllm.kernels.tiles import BlockSizes
+
+SMALLEST_BLOCK = 16  # Triton's smallest matmul tile
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes (powers of two >= 16). `*_dq` and `*_dkv` are the backward kernels' tiles."""
-
-    block_q: int = 64
-    block_k: int = 64
-    block_q_dq: int = 64
-    block_k_dq: int = 64
-    block_q_dkv: int = 64
-    block_k_dkv: int = 64
-
-    @classmethod
-    def default(cls, head_dim: int, dtype) -> BlockSizes:
-        """Tiles that compile without register spills for sm_90 (Triton 3.9, ptxas -v) at
-        the default warps (4 for half precision and head size <= 64, else 8). Not tuned
-        by timing: benchmark on the target GPU and pass your own."""
-        if jnp.dtype(dtype).itemsize >= 4:  # float32: IEEE dots on CUDA cores
-            return cls(32, 32, 32, 32, 32 if head_dim <= 64 else 16, 32)
-        return cls(128, 64, 64, 64, 64 if head_dim <= 64 else 32, 64)
+def default_blocks(head_dim: int, dtype) -> BlockSizes:
+    """Tiles that compile without register spills for sm_90 (Triton 3.9, ptxas -v) at the
+    default warps (4 for half precision and head size <= 64, else 8). Not tuned by
+    timing: benchmark on the target GPU and pass your own."""
+    if jnp.dtype(dtype).itemsize >= 4:  # float32: IEEE dots on CUDA cores
+        return BlockSizes(32, 32, 32, 32, 32 if head_dim <= 64 else 16, 32)
+    return BlockSizes(128, 64, 64, 64, 64 if head_dim <= 64 else 32, 64)
 
 
 def default_num_warps(head_dim: int, dtype) -> int:
@@ -272,24 +263,6 @@ def _backward(q, k, v, ids, slopes, out, lse, do, cfg):
 _flash = tiles.with_flash_vjp(_forward, _backward)
 
 
-def _pow2_at_least(n, lo=16):
-    return max(lo, 1 << max(0, n - 1).bit_length())
-
-
-def _clamp_blocks(blocks: BlockSizes, t: int, s: int) -> tuple[BlockSizes, int, int]:
-    """Clamp each tile to the (power-of-two rounded) length; return padded lengths."""
-    for f in dataclasses.fields(blocks):
-        val = getattr(blocks, f.name)
-        if not isinstance(val, int) or val < 16 or val & (val - 1):
-            raise ValueError(f"flash attention: {f.name}={val!r} must be a power of two >= 16")
-    tq, ts = _pow2_at_least(t), _pow2_at_least(s)
-    c = BlockSizes(*(min(getattr(blocks, f.name), tq if f.name.startswith("block_q") else ts)
-                     for f in dataclasses.fields(blocks)))
-    qmult = max(c.block_q, c.block_q_dq, c.block_q_dkv)
-    kmult = max(c.block_k, c.block_k_dq, c.block_k_dkv)
-    return c, -(-t // qmult) * qmult, -(-s // kmult) * kmult
-
-
 def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=True, scale=None,
               *, block_sizes: BlockSizes | None = None, interpret: bool | None = None,
               num_warps: int | None = None, num_stages: int = 2, shard_axes=None):
@@ -298,7 +271,8 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
     q: [B, T, H, D]; k, v: [B, S, K, D] (H a multiple of K); segment ids [B, T] / [B, S]
     (0 = padding); positions [B, T] / [B, S]; alibi_slopes [H] or None. `interpret` defaults
     to True on CPU (Pallas interpreter; slow, for tests) and False on GPU (Triton).
-    `block_sizes` and `num_warps` default by head size and dtype (BlockSizes.default).
+    `block_sizes` (fields left None) and `num_warps` default by head size and dtype
+    (default_blocks, default_num_warps).
 
     `shard_axes=(batch_axes, head_axes)` runs it per shard (placement.per_shard); K (kv
     heads) must divide by the head axes' size.
@@ -312,8 +286,9 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
         raise ValueError("flash attention: this Pallas kernel lowers to Triton (GPU); on TPU "
                          "kernels.attention runs kernels/flash_tpu.py (or pass interpret=True)")
     interpret = placement.interpret_default(interpret)
-    dp = _pow2_at_least(d)
-    blocks, tp, sp = _clamp_blocks(block_sizes or BlockSizes.default(dp, q.dtype), t, s)
+    dp = tiles.pow2_at_least(d, SMALLEST_BLOCK)
+    blocks, tp, sp = (block_sizes or BlockSizes()).fit(default_blocks(dp, q.dtype), t, s,
+                                                       SMALLEST_BLOCK, "flash attention")
     cfg = _Cfg(scale=float(d ** -0.5 if scale is None else scale), causal=bool(causal),
                alibi=alibi_slopes is not None, blocks=blocks, interpret=bool(interpret),
                num_warps=num_warps or default_num_warps(dp, q.dtype), num_stages=num_stages)

@@ -47,21 +47,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxllm.kernels import placement, tiles
+from jaxllm.kernels.tiles import BlockSizes
 
 LANES, SUBLANES = 128, 8
 SMEM_BUDGET = 512 * 1024  # of the 1 MiB SMEM per core of TPU v4, v5e, v5p and v6e
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes (128 * 2^k). `*_dq` and `*_dkv` are the backward kernels' tiles."""
-
-    block_q: int = 512
-    block_k: int = 512
-    block_q_dq: int = 512
-    block_k_dq: int = 512
-    block_q_dkv: int = 512
-    block_k_dkv: int = 512
+DEFAULT_BLOCKS = BlockSizes(*[512] * 6)  # tiles are 128 * 2^k (LANES is the smallest)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,30 +299,13 @@ def _backward(q, k, v, ids, slopes, out, lse, do, cfg):
 _flash = tiles.with_flash_vjp(_forward, _backward)
 
 
-def _clamp_blocks(blocks: BlockSizes, t: int, s: int) -> tuple[BlockSizes, int, int]:
-    """Clamp each tile to the length rounded up to 128 * 2^k; return padded lengths."""
-    for f in dataclasses.fields(blocks):
-        val = getattr(blocks, f.name)
-        if not isinstance(val, int) or val < LANES or val % LANES or (val // LANES) & (
-                val // LANES - 1):
-            raise ValueError(f"flash attention (TPU): {f.name}={val!r} must be 128 * 2^k")
-
-    def cap(n):
-        return LANES << max(0, tiles.round_up(n, LANES) // LANES - 1).bit_length()
-
-    c = BlockSizes(*(min(getattr(blocks, f.name), cap(t) if f.name.startswith("block_q")
-                         else cap(s)) for f in dataclasses.fields(blocks)))
-    qmult = max(c.block_q, c.block_q_dq, c.block_q_dkv)
-    kmult = max(c.block_k, c.block_k_dq, c.block_k_dkv)
-    return c, tiles.round_up(t, qmult), tiles.round_up(s, kmult)
-
-
 def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=True, scale=None,
               *, block_sizes: BlockSizes | None = None, interpret: bool | None = None,
               shard_axes=None):
     """Flash attention on TPU with the kernels/xla.py signature and semantics
     (differentiable in q, k, v). q [B, T, H, D]; k, v [B, S, K, D] (H a multiple of K);
-    segment ids and positions [B, T] / [B, S]; alibi_slopes [H] or None. `interpret`
+    segment ids and positions [B, T] / [B, S]; alibi_slopes [H] or None; `block_sizes`
+    fields left None are 512 (DEFAULT_BLOCKS). `interpret`
     defaults to the Pallas interpreter when the target platform is a CPU (tests);
     `shard_axes` runs it per shard (placement.per_shard)."""
     b, t, h, d = q.shape
@@ -340,11 +313,13 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % kh:
         raise ValueError(f"flash attention (TPU): expected q [B,T,H,D], k/v [B,S,K,D] with "
                          f"H % K == 0; got q {q.shape}, k {k.shape}, v {v.shape}")
-    blocks, tp, sp = _clamp_blocks(block_sizes or BlockSizes(), t, s)
+    blocks, tp, sp = (block_sizes or BlockSizes()).fit(DEFAULT_BLOCKS, t, s, LANES,
+                                                       "flash attention (TPU)")
     interpret = placement.interpret_default(interpret)
     placement.require_tpu_or_interpret(interpret, "flash (TPU)")
     cfg = _Cfg(scale=float(d ** -0.5 if scale is None else scale), causal=bool(causal),
                alibi=alibi_slopes is not None, blocks=blocks, interpret=interpret)
+
     def run(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes=None):
         ids = tiles.Ids(q_seg, kv_seg, q_pos, kv_pos)
         return _padded(q, k, v, ids, slopes, cfg=cfg, tp=tp, sp=sp)

@@ -5,6 +5,7 @@ any Pallas backend:
 - `dot`: tile matmuls with float32 accumulation;
 - `Ids`: the four per-token arrays (query and key segment ids and positions), passed
   around as one value in one order: the order of every backend's `attention`;
+- `BlockSizes`: a kernel's tile sizes, checked and clamped to the lengths (`fit`);
 - `visible`: which (query, key) pairs attend: same document (equal segment ids), key not
   padding (id 0) and, when causal, `kv_pos <= q_pos`;
 - `logits2`: base-2 logits `(q.k * scale + slope * (kv_pos - q_pos)) * log2(e)` (ALiBi,
@@ -20,6 +21,7 @@ orientation it computes scores (q rows x kv columns, or the transpose).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
@@ -51,6 +53,46 @@ class Ids(NamedTuple):
         """int32, query side padded to length t and key side to s (segment id 0)."""
         return self.map(lambda x: pad_tokens(x.astype(jnp.int32), t),
                         lambda x: pad_tokens(x.astype(jnp.int32), s))
+
+
+def pow2_at_least(n: int, smallest: int) -> int:
+    """The smallest power of two >= max(n, smallest), for `smallest` a power of two."""
+    return smallest << max(0, -(-n // smallest) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of a flash kernel: `block_q` x `block_k` in the forward kernel, `*_dq`
+    and `*_dkv` in the backward kernels (dq, and dk/dv). Fields left None take the
+    kernel's defaults (kernels/flash.py: by head size and dtype; kernels/flash_tpu.py:
+    512). Each kernel allows powers of two from its smallest tile up (16 for Triton's
+    matmuls, 128 for TPU lanes)."""
+
+    block_q: int | None = None
+    block_k: int | None = None
+    block_q_dq: int | None = None
+    block_k_dq: int | None = None
+    block_q_dkv: int | None = None
+    block_k_dkv: int | None = None
+
+    def fit(self, defaults: BlockSizes, t: int, s: int, smallest: int,
+            name: str) -> tuple[BlockSizes, int, int]:
+        """(sizes, padded t, padded s): unset fields from `defaults`; each checked to be a
+        power of two >= `smallest` and clamped to the query (block_q*) or key (block_k*)
+        length rounded up to one; lengths padded to a multiple of all their tiles."""
+        sizes = {}
+        for f in dataclasses.fields(self):
+            val = getattr(self, f.name)
+            val = getattr(defaults, f.name) if val is None else val
+            if not isinstance(val, int) or val < smallest or val & (val - 1):
+                raise ValueError(f"{name}: {f.name}={val!r} must be a power of two >= "
+                                 f"{smallest}")
+            n = t if f.name.startswith("block_q") else s
+            sizes[f.name] = min(val, pow2_at_least(n, smallest))
+        c = BlockSizes(**sizes)
+        qmult = max(c.block_q, c.block_q_dq, c.block_q_dkv)
+        kmult = max(c.block_k, c.block_k_dq, c.block_k_dkv)
+        return c, round_up(t, qmult), round_up(s, kmult)
 
 
 def dot(a, b, contract=(1, 0)):
