@@ -60,12 +60,7 @@ def default_num_warps(head_dim: int, dtype) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Cfg:
-    scale: float
-    causal: bool
-    alibi: bool
-    blocks: BlockSizes
-    interpret: bool
+class _Cfg(tiles.Cfg):
     num_warps: int
     num_stages: int
 
@@ -277,11 +272,8 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
     `shard_axes=(batch_axes, head_axes)` runs it per shard (placement.per_shard); K (kv
     heads) must divide by the head axes' size.
     """
-    b, t, h, d = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % kh:
-        raise ValueError(f"flash attention: expected q [B,T,H,D], k/v [B,S,K,D] with H % K == 0; "
-                         f"got q {q.shape}, k {k.shape}, v {v.shape}")
+    tiles.check_shapes(q, k, v, "flash attention")
+    (_, t, h, d), s = q.shape, k.shape[1]
     if placement.target_platform() == "tpu" and not placement.interpret_default(interpret):
         raise ValueError("flash attention: this Pallas kernel lowers to Triton (GPU); on TPU "
                          "kernels.attention runs kernels/flash_tpu.py (or pass interpret=True)")
@@ -289,9 +281,8 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
     dp = tiles.pow2_at_least(d, SMALLEST_BLOCK)
     blocks, tp, sp = (block_sizes or BlockSizes()).fit(default_blocks(dp, q.dtype), t, s,
                                                        SMALLEST_BLOCK, "flash attention")
-    cfg = _Cfg(scale=float(d ** -0.5 if scale is None else scale), causal=bool(causal),
-               alibi=alibi_slopes is not None, blocks=blocks, interpret=bool(interpret),
-               num_warps=num_warps or default_num_warps(dp, q.dtype), num_stages=num_stages)
+    cfg = _Cfg.of(q, scale, causal, alibi_slopes, blocks, interpret,
+                  num_warps=num_warps or default_num_warps(dp, q.dtype), num_stages=num_stages)
 
     def run(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes=None):
         ids = tiles.Ids(q_seg, kv_seg, q_pos, kv_pos)

@@ -37,7 +37,6 @@ hardware: no TPU was at hand; benchmark with tools/bench.py --compare_backends).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -52,15 +51,6 @@ from jaxllm.kernels.tiles import BlockSizes
 LANES, SUBLANES = 128, 8
 SMEM_BUDGET = 512 * 1024  # of the 1 MiB SMEM per core of TPU v4, v5e, v5p and v6e
 DEFAULT_BLOCKS = BlockSizes(*[512] * 6)  # tiles are 128 * 2^k (LANES is the smallest)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Cfg:
-    scale: float
-    causal: bool
-    alibi: bool
-    blocks: BlockSizes
-    interpret: bool
 
 
 def _plan(cls):
@@ -305,20 +295,16 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
     """Flash attention on TPU with the kernels/xla.py signature and semantics
     (differentiable in q, k, v). q [B, T, H, D]; k, v [B, S, K, D] (H a multiple of K);
     segment ids and positions [B, T] / [B, S]; alibi_slopes [H] or None; `block_sizes`
-    fields left None are 512 (DEFAULT_BLOCKS). `interpret`
-    defaults to the Pallas interpreter when the target platform is a CPU (tests);
-    `shard_axes` runs it per shard (placement.per_shard)."""
-    b, t, h, d = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % kh:
-        raise ValueError(f"flash attention (TPU): expected q [B,T,H,D], k/v [B,S,K,D] with "
-                         f"H % K == 0; got q {q.shape}, k {k.shape}, v {v.shape}")
+    fields left None are 512 (DEFAULT_BLOCKS). `interpret` defaults to the Pallas
+    interpreter when the target platform is a CPU (tests); `shard_axes` runs it per shard
+    (placement.per_shard)."""
+    tiles.check_shapes(q, k, v, "flash attention (TPU)")
+    (_, t, h, _), s = q.shape, k.shape[1]
     blocks, tp, sp = (block_sizes or BlockSizes()).fit(DEFAULT_BLOCKS, t, s, LANES,
                                                        "flash attention (TPU)")
     interpret = placement.interpret_default(interpret)
     placement.require_tpu_or_interpret(interpret, "flash (TPU)")
-    cfg = _Cfg(scale=float(d ** -0.5 if scale is None else scale), causal=bool(causal),
-               alibi=alibi_slopes is not None, blocks=blocks, interpret=interpret)
+    cfg = tiles.Cfg.of(q, scale, causal, alibi_slopes, blocks, interpret)
 
     def run(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes=None):
         ids = tiles.Ids(q_seg, kv_seg, q_pos, kv_pos)

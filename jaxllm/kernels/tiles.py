@@ -6,6 +6,7 @@ any Pallas backend:
 - `Ids`: the four per-token arrays (query and key segment ids and positions), passed
   around as one value in one order: the order of every backend's `attention`;
 - `BlockSizes`: a kernel's tile sizes, checked and clamped to the lengths (`fit`);
+- `Cfg`: the static settings of one call; `check_shapes`: the q/k/v shapes every kernel takes;
 - `visible`: which (query, key) pairs attend: same document (equal segment ids), key not
   padding (id 0) and, when causal, `kv_pos <= q_pos`;
 - `logits2`: base-2 logits `(q.k * scale + slope * (kv_pos - q_pos)) * log2(e)` (ALiBi,
@@ -93,6 +94,32 @@ class BlockSizes:
         qmult = max(c.block_q, c.block_q_dq, c.block_q_dkv)
         kmult = max(c.block_k, c.block_k_dq, c.block_k_dkv)
         return c, round_up(t, qmult), round_up(s, kmult)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cfg:
+    """Static settings of one flash attention call (hashable: a jit / custom_vjp static)."""
+
+    scale: float
+    causal: bool
+    alibi: bool
+    blocks: BlockSizes
+    interpret: bool
+
+    @classmethod
+    def of(cls, q, scale, causal, alibi_slopes, blocks, interpret, **extra) -> Cfg:
+        """Settings for q [B, T, H, D]: scale 1/sqrt(D) unless given; `extra` a subclass's."""
+        return cls(scale=float(q.shape[3] ** -0.5 if scale is None else scale),
+                   causal=bool(causal), alibi=alibi_slopes is not None, blocks=blocks,
+                   interpret=bool(interpret), **extra)
+
+
+def check_shapes(q, k, v, name: str) -> None:
+    """q [B, T, H, D] and k, v [B, S, K, D] with H a multiple of K, or a ValueError."""
+    b, _, h, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % k.shape[2]:
+        raise ValueError(f"{name}: expected q [B,T,H,D], k/v [B,S,K,D] with H % K == 0; "
+                         f"got q {q.shape}, k {k.shape}, v {v.shape}")
 
 
 def dot(a, b, contract=(1, 0)):
