@@ -15,6 +15,7 @@ import pytest
 
 from jaxllm import kernels
 from jaxllm.kernels import cudnn, flash, tiles, xla
+from tests.fixtures import run_py
 
 
 def rel(a, b):
@@ -333,6 +334,18 @@ def test_dispatcher_flash_matches_xla_with_default_ids():
     assert rel(got, want) < 1e-5
 
 
+def test_xla_and_cudnn_backends_import_no_pallas():
+    """The Pallas backends are imported only when chosen, so a JAX without (or with a
+    broken) Pallas still runs the xla and cudnn backends."""
+    code = ("import sys, jax.numpy as jnp\nfrom jaxllm import kernels\n"
+            "q = jnp.ones((1, 8, 2, 16))\n"
+            "kernels.attention(q, q, q, backend='xla')\n"
+            "print(sorted(m for m in sys.modules if 'pallas' in m))")
+    proc = run_py(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("backend", ["flash", "cudnn"])
 def test_kv_cache_shapes_match_reference(backend):
     """Decoding: 3 new queries (positions 10-12) over a 40-slot cache, 13 slots filled."""
@@ -347,7 +360,6 @@ def test_kv_cache_shapes_match_reference(backend):
 
 def run_on_8_devices(script: str) -> str:
     """Run `script` in a fresh Python with 8 simulated CPU devices; its stdout."""
-    from tests.fixtures import run_py
     res = run_py(script, devices=8, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
