@@ -1,4 +1,4 @@
-"""Masking rules and tile classes shared by the fused attention kernels (GPU and TPU).
+"""What the fused attention kernels (GPU and TPU) share: arguments, masking rules, tiles.
 
 These are the decisions every flash kernel here makes, written once and independent of
 any Pallas backend:
