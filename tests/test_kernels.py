@@ -15,6 +15,7 @@ import pytest
 
 from jaxllm import kernels
 from jaxllm.kernels import cudnn, flash, tiles, xla
+from tests.fixtures import run_py
 
 
 def rel(a, b):
@@ -167,8 +168,8 @@ def test_tile_classes_are_sound_against_the_full_mask(causal):
     one causal document gives exactly the lower triangle with a masked diagonal."""
     rng = np.random.default_rng(6)
     seg, pos = packed_ids(rng, 3, 128, docs=2, pad=20)
-    cls = np.asarray(tiles.tile_classes(jnp.asarray(seg), jnp.asarray(pos), jnp.asarray(seg),
-                                        jnp.asarray(pos), 16, 32, causal))
+    seg_, pos_ = jnp.asarray(seg), jnp.asarray(pos)
+    cls = np.asarray(tiles.tile_classes(tiles.Ids(seg_, seg_, pos_, pos_), 16, 32, causal))
     mask = np.asarray(xla.mask_and_bias(jnp.asarray(seg), jnp.asarray(seg), jnp.asarray(pos),
                                         jnp.asarray(pos), None, causal)[0])[:, 0]
     blocks = mask.reshape(3, 8, 16, 4, 32).transpose(0, 1, 3, 2, 4)  # [B, nq, nk, bq, bk]
@@ -176,7 +177,7 @@ def test_tile_classes_are_sound_against_the_full_mask(causal):
     assert (cls == 0).sum() > 0 and (cls == 2).sum() > 0
     one = jnp.ones((1, 64), jnp.int32)
     ar = jnp.arange(64, dtype=jnp.int32)[None]
-    cls = np.asarray(tiles.tile_classes(one, ar, one, ar, 16, 16, causal))[0]
+    cls = np.asarray(tiles.tile_classes(tiles.Ids(one, one, ar, ar), 16, 16, causal))[0]
     want = np.tril(np.full((4, 4), 2)) - np.eye(4, dtype=int) if causal else np.full((4, 4), 2)
     np.testing.assert_array_equal(cls, want)
 
@@ -333,6 +334,18 @@ def test_dispatcher_flash_matches_xla_with_default_ids():
     assert rel(got, want) < 1e-5
 
 
+def test_xla_and_cudnn_backends_import_no_pallas():
+    """The Pallas backends are imported only when chosen, so a JAX without (or with a
+    broken) Pallas still runs the xla and cudnn backends."""
+    code = ("import sys, jax.numpy as jnp\nfrom jaxllm import kernels\n"
+            "q = jnp.ones((1, 8, 2, 16))\n"
+            "kernels.attention(q, q, q, backend='xla')\n"
+            "print(sorted(m for m in sys.modules if 'pallas' in m))")
+    proc = run_py(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("backend", ["flash", "cudnn"])
 def test_kv_cache_shapes_match_reference(backend):
     """Decoding: 3 new queries (positions 10-12) over a 40-slot cache, 13 slots filled."""
@@ -347,7 +360,6 @@ def test_kv_cache_shapes_match_reference(backend):
 
 def run_on_8_devices(script: str) -> str:
     """Run `script` in a fresh Python with 8 simulated CPU devices; its stdout."""
-    from tests.fixtures import run_py
     res = run_py(script, devices=8, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout

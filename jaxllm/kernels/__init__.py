@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxllm.kernels import xla
+from jaxllm.kernels import cudnn, xla
 from jaxllm.kernels.placement import lowering_for, target_platform
 
 __all__ = ["BACKENDS", "attention", "compared_backends", "lowering_for", "resolve_backend",
@@ -80,10 +80,11 @@ def attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, positions=None,
     if kv_positions is None:
         kv_positions = positions if s == t else _default_positions(k, s)
     backend = resolve_backend(backend, alibi=alibi_slopes is not None, dtype=q.dtype)
+    # The Pallas backends are imported when chosen: their Pallas Mosaic / Triton modules
+    # take a third of a second to import and are experimental parts of JAX.
     if backend == "xla":
         fn = xla.attention
     elif backend == "cudnn":
-        from jaxllm.kernels import cudnn
         fn = cudnn.attention
     elif backend == "flash" and target_platform() == "tpu":
         from jaxllm.kernels import flash_tpu

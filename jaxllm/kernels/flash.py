@@ -41,27 +41,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxllm.kernels import placement, tiles
+from jaxllm.kernels.tiles import BlockSizes
+
+SMALLEST_BLOCK = 16  # Triton's smallest matmul tile
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes (powers of two >= 16). `*_dq` and `*_dkv` are the backward kernels' tiles."""
-
-    block_q: int = 64
-    block_k: int = 64
-    block_q_dq: int = 64
-    block_k_dq: int = 64
-    block_q_dkv: int = 64
-    block_k_dkv: int = 64
-
-    @classmethod
-    def default(cls, head_dim: int, dtype) -> BlockSizes:
-        """Tiles that compile without register spills for sm_90 (Triton 3.9, ptxas -v) at
-        the default warps (4 for half precision and head size <= 64, else 8). Not tuned
-        by timing: benchmark on the target GPU and pass your own."""
-        if jnp.dtype(dtype).itemsize >= 4:  # float32: IEEE dots on CUDA cores
-            return cls(32, 32, 32, 32, 32 if head_dim <= 64 else 16, 32)
-        return cls(128, 64, 64, 64, 64 if head_dim <= 64 else 32, 64)
+def default_blocks(head_dim: int, dtype) -> BlockSizes:
+    """Tiles that compile without register spills for sm_90 (Triton 3.9, ptxas -v) at the
+    default warps (4 for half precision and head size <= 64, else 8). Not tuned by
+    timing: benchmark on the target GPU and pass your own."""
+    if jnp.dtype(dtype).itemsize >= 4:  # float32: IEEE dots on CUDA cores
+        return BlockSizes(32, 32, 32, 32, 32 if head_dim <= 64 else 16, 32)
+    return BlockSizes(128, 64, 64, 64, 64 if head_dim <= 64 else 32, 64)
 
 
 def default_num_warps(head_dim: int, dtype) -> int:
@@ -69,12 +60,7 @@ def default_num_warps(head_dim: int, dtype) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Cfg:
-    scale: float
-    causal: bool
-    alibi: bool
-    blocks: BlockSizes
-    interpret: bool
+class _Cfg(tiles.Cfg):
     num_warps: int
     num_stages: int
 
@@ -105,24 +91,26 @@ def _scores(q, k, q_pos, kv_pos, slope, cfg):
                          q_pos[:, None], kv_pos[None, :])
 
 
-def _tile_mask(q_seg, q_pos, kv_seg, kv_pos, causal):
-    return tiles.visible(q_seg[:, None], q_pos[:, None], kv_seg[None, :], kv_pos[None, :], causal)
+def _tile_mask(q_seg, kv_seg, q_pos, kv_pos, causal):
+    """Visibility of a [bq, bk] tile from the q tile's and the kv tile's ids and positions."""
+    return tiles.visible(tiles.Ids(q_seg[:, None], kv_seg[None, :], q_pos[:, None],
+                                   kv_pos[None, :]), causal)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, plan_ref, *refs, cfg,
-                block_k):
+def _fwd_kernel(q_ref, k_ref, v_ref, ids, plan_ref, *refs, cfg, block_k):
+    """`ids`: refs of the q tile's ids and positions and of all kv ids and positions."""
     slopes_ref, o_ref, lse_ref = refs if cfg.alibi else (None, *refs)
     slope = slopes_ref[pl.program_id(1)] if cfg.alibi else None
-    q, q_seg, q_pos = q_ref[...], qs_ref[...], qp_ref[...]
+    q, q_seg, q_pos = q_ref[...], ids.q_seg[...], ids.q_pos[...]
     bq, dp = q.shape
 
     def visit(j, carry, masked):
         acc, m, row_sum = carry
         sl = pl.ds(j * block_k, block_k)
-        kv_pos, v = kp_ref[sl], v_ref[sl, :]
+        kv_pos, v = ids.kv_pos[sl], v_ref[sl, :]
         s = _scores(q, k_ref[sl, :], q_pos, kv_pos, slope, cfg)
         if masked:
-            mask = _tile_mask(q_seg, q_pos, ks_ref[sl], kv_pos, cfg.causal)
+            mask = _tile_mask(q_seg, ids.kv_seg[sl], q_pos, kv_pos, cfg.causal)
             s = jnp.where(mask, s, tiles.MASKED)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.exp2(s - m_new[:, None])
@@ -140,19 +128,19 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, plan_ref, *
     lse_ref[...] = m + jnp.log2(l_safe)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, qp_ref, ks_ref, kp_ref,
-               plan_ref, *refs, cfg, block_k):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids, plan_ref, *refs, cfg,
+               block_k):
     slopes_ref, dq_ref = refs if cfg.alibi else (None, *refs)
     slope = slopes_ref[pl.program_id(1)] if cfg.alibi else None
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-    q_seg, q_pos = qs_ref[...], qp_ref[...]
+    q_seg, q_pos = ids.q_seg[...], ids.q_pos[...]
 
     def visit(j, dq, masked):
         sl = pl.ds(j * block_k, block_k)
-        k, v, kv_pos = k_ref[sl, :], v_ref[sl, :], kp_ref[sl]
+        k, v, kv_pos = k_ref[sl, :], v_ref[sl, :], ids.kv_pos[sl]
         p = jnp.exp2(_scores(q, k, q_pos, kv_pos, slope, cfg) - lse[:, None])
         if masked:
-            p = jnp.where(_tile_mask(q_seg, q_pos, ks_ref[sl], kv_pos, cfg.causal), p, 0.0)
+            p = jnp.where(_tile_mask(q_seg, ids.kv_seg[sl], q_pos, kv_pos, cfg.causal), p, 0.0)
         ds = p * (tiles.dot(do, v, (1, 1)) - delta[:, None])
         return dq + tiles.dot(ds.astype(k.dtype), k)
 
@@ -160,10 +148,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, qp_ref, 
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, qp_ref, ks_ref, kp_ref,
-                plan_ref, *refs, cfg, block_q):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids, plan_ref, *refs, cfg,
+                block_q):
     slopes_ref, dk_ref, dv_ref = refs if cfg.alibi else (None, *refs)
-    k, v, kv_seg, kv_pos = k_ref[...], v_ref[...], ks_ref[...], kp_ref[...]
+    k, v, kv_seg, kv_pos = k_ref[...], v_ref[...], ids.kv_seg[...], ids.kv_pos[...]
 
     def head(g, carry):
         slope = slopes_ref[g] if cfg.alibi else None
@@ -171,10 +159,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, qp_ref,
         def visit(i, carry, masked):
             dk, dv = carry
             sl = pl.ds(i * block_q, block_q)
-            q, do, q_pos = q_ref[sl, g, :], do_ref[sl, g, :], qp_ref[sl]
+            q, do, q_pos = q_ref[sl, g, :], do_ref[sl, g, :], ids.q_pos[sl]
             p = jnp.exp2(_scores(q, k, q_pos, kv_pos, slope, cfg) - lse_ref[g, sl][:, None])
             if masked:
-                p = jnp.where(_tile_mask(qs_ref[sl], q_pos, kv_seg, kv_pos, cfg.causal), p, 0.0)
+                p = jnp.where(_tile_mask(ids.q_seg[sl], kv_seg, q_pos, kv_pos, cfg.causal), p,
+                              0.0)
             dv = dv + tiles.dot(p.astype(do.dtype), do, (0, 0))
             ds = p * (tiles.dot(do, v, (1, 1)) - delta_ref[g, sl][:, None])
             return dk + tiles.dot(ds.astype(q.dtype), q, (0, 0)), dv
@@ -195,7 +184,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, name):
                                              num_stages=cfg.num_stages))
 
 
-def _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg):
+def _forward(q, k, v, ids, slopes, cfg):
     b, t, h, dp = q.shape
     s, kh = k.shape[1], k.shape[2]
     g, bq = h // kh, cfg.blocks.block_q
@@ -204,10 +193,10 @@ def _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg):
     ids_q = pl.BlockSpec((None, bq), lambda bi, hi, i: (bi, i))
     ids_kv = pl.BlockSpec((None, s), lambda bi, hi, i: (bi, 0))
     bk = cfg.blocks.block_k
-    plan = _plan(tiles.tile_classes(q_seg, q_pos, kv_seg, kv_pos, bq, bk, cfg.causal))
+    plan = _plan(tiles.tile_classes(ids, bq, bk, cfg.causal))
     plan_spec = pl.BlockSpec((None, None, plan.shape[2]), lambda bi, hi, i: (bi, i, 0))
-    in_specs = [q_blk, kv_all, kv_all, ids_q, ids_q, ids_kv, ids_kv, plan_spec]
-    args = [q, k, v, q_seg, q_pos, kv_seg, kv_pos, plan]
+    in_specs = [q_blk, kv_all, kv_all, tiles.Ids(ids_q, ids_kv, ids_q, ids_kv), plan_spec]
+    args = [q, k, v, ids, plan]
     if cfg.alibi:
         in_specs.append(pl.BlockSpec((h,), lambda bi, hi, i: (0,)))
         args.append(slopes)
@@ -219,7 +208,7 @@ def _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg):
     return out, lse
 
 
-def _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse, do, cfg):
+def _backward(q, k, v, ids, slopes, out, lse, do, cfg):
     b, t, h, dp = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = h // kh
@@ -231,11 +220,11 @@ def _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse, do, cfg):
     row_blk = pl.BlockSpec((None, None, bq), lambda bi, hi, i: (bi, hi, i))
     ids_q = pl.BlockSpec((None, bq), lambda bi, hi, i: (bi, i))
     ids_kv = pl.BlockSpec((None, s), lambda bi, hi, i: (bi, 0))
-    plan = _plan(tiles.tile_classes(q_seg, q_pos, kv_seg, kv_pos, bq, bk, cfg.causal))
+    plan = _plan(tiles.tile_classes(ids, bq, bk, cfg.causal))
     plan_spec = pl.BlockSpec((None, None, plan.shape[2]), lambda bi, hi, i: (bi, i, 0))
-    in_specs = [q_blk, kv_all, kv_all, q_blk, row_blk, row_blk, ids_q, ids_q, ids_kv, ids_kv,
-                plan_spec]
-    args = [q, k, v, do, lse, delta, q_seg, q_pos, kv_seg, kv_pos, plan]
+    in_specs = [q_blk, kv_all, kv_all, q_blk, row_blk, row_blk,
+                tiles.Ids(ids_q, ids_kv, ids_q, ids_kv), plan_spec]
+    args = [q, k, v, do, lse, delta, ids, plan]
     if cfg.alibi:
         in_specs.append(pl.BlockSpec((h,), lambda bi, hi, i: (0,)))
         args.append(slopes)
@@ -248,14 +237,14 @@ def _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse, do, cfg):
     row_grp = pl.BlockSpec((None, None, g, t), lambda bi, ki, j: (bi, ki, 0, 0))
     ids_q = pl.BlockSpec((None, t), lambda bi, ki, j: (bi, 0))
     ids_kv = pl.BlockSpec((None, bk), lambda bi, ki, j: (bi, j))
-    cls = tiles.tile_classes(q_seg, q_pos, kv_seg, kv_pos, bq, bk, cfg.causal)
+    cls = tiles.tile_classes(ids, bq, bk, cfg.causal)
     plan = _plan(cls.swapaxes(1, 2))
     plan_spec = pl.BlockSpec((None, None, plan.shape[2]), lambda bi, ki, j: (bi, j, 0))
-    in_specs = [q_grp, kv_blk, kv_blk, q_grp, row_grp, row_grp, ids_q, ids_q, ids_kv, ids_kv,
-                plan_spec]
+    in_specs = [q_grp, kv_blk, kv_blk, q_grp, row_grp, row_grp,
+                tiles.Ids(ids_q, ids_kv, ids_q, ids_kv), plan_spec]
     grp = (b, t, kh, g, dp)
     args = [q.reshape(grp), k, v, do.reshape(grp), lse.reshape(b, kh, g, t),
-            delta.reshape(b, kh, g, t), q_seg, q_pos, kv_seg, kv_pos, plan]
+            delta.reshape(b, kh, g, t), ids, plan]
     if cfg.alibi:
         in_specs.append(pl.BlockSpec((None, g), lambda bi, ki, j: (ki, 0)))
         args.append(slopes.reshape(kh, g))
@@ -269,24 +258,6 @@ def _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse, do, cfg):
 _flash = tiles.with_flash_vjp(_forward, _backward)
 
 
-def _pow2_at_least(n, lo=16):
-    return max(lo, 1 << max(0, n - 1).bit_length())
-
-
-def _clamp_blocks(blocks: BlockSizes, t: int, s: int) -> tuple[BlockSizes, int, int]:
-    """Clamp each tile to the (power-of-two rounded) length; return padded lengths."""
-    for f in dataclasses.fields(blocks):
-        val = getattr(blocks, f.name)
-        if not isinstance(val, int) or val < 16 or val & (val - 1):
-            raise ValueError(f"flash attention: {f.name}={val!r} must be a power of two >= 16")
-    tq, ts = _pow2_at_least(t), _pow2_at_least(s)
-    c = BlockSizes(*(min(getattr(blocks, f.name), tq if f.name.startswith("block_q") else ts)
-                     for f in dataclasses.fields(blocks)))
-    qmult = max(c.block_q, c.block_q_dq, c.block_q_dkv)
-    kmult = max(c.block_k, c.block_k_dq, c.block_k_dkv)
-    return c, -(-t // qmult) * qmult, -(-s // kmult) * kmult
-
-
 def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=True, scale=None,
               *, block_sizes: BlockSizes | None = None, interpret: bool | None = None,
               num_warps: int | None = None, num_stages: int = 2, shard_axes=None):
@@ -295,46 +266,43 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
     q: [B, T, H, D]; k, v: [B, S, K, D] (H a multiple of K); segment ids [B, T] / [B, S]
     (0 = padding); positions [B, T] / [B, S]; alibi_slopes [H] or None. `interpret` defaults
     to True on CPU (Pallas interpreter; slow, for tests) and False on GPU (Triton).
-    `block_sizes` and `num_warps` default by head size and dtype (BlockSizes.default).
+    `block_sizes` (fields left None) and `num_warps` default by head size and dtype
+    (default_blocks, default_num_warps).
 
     `shard_axes=(batch_axes, head_axes)` runs it per shard (placement.per_shard); K (kv
     heads) must divide by the head axes' size.
     """
-    b, t, h, d = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % kh:
-        raise ValueError(f"flash attention: expected q [B,T,H,D], k/v [B,S,K,D] with H % K == 0; "
-                         f"got q {q.shape}, k {k.shape}, v {v.shape}")
+    tiles.check_shapes(q, k, v, "flash attention")
+    (_, t, h, d), s = q.shape, k.shape[1]
     if placement.target_platform() == "tpu" and not placement.interpret_default(interpret):
         raise ValueError("flash attention: this Pallas kernel lowers to Triton (GPU); on TPU "
                          "kernels.attention runs kernels/flash_tpu.py (or pass interpret=True)")
     interpret = placement.interpret_default(interpret)
-    dp = _pow2_at_least(d)
-    blocks, tp, sp = _clamp_blocks(block_sizes or BlockSizes.default(dp, q.dtype), t, s)
-    cfg = _Cfg(scale=float(d ** -0.5 if scale is None else scale), causal=bool(causal),
-               alibi=alibi_slopes is not None, blocks=blocks, interpret=bool(interpret),
-               num_warps=num_warps or default_num_warps(dp, q.dtype), num_stages=num_stages)
+    dp = tiles.pow2_at_least(d, SMALLEST_BLOCK)
+    blocks, tp, sp = (block_sizes or BlockSizes()).fit(default_blocks(dp, q.dtype), t, s,
+                                                       SMALLEST_BLOCK, "flash attention")
+    cfg = _Cfg.of(q, scale, causal, alibi_slopes, blocks, interpret,
+                  num_warps=num_warps or default_num_warps(dp, q.dtype), num_stages=num_stages)
 
-    run = functools.partial(_padded, cfg=cfg, tp=tp, sp=sp, dp=dp)
+    def run(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes=None):
+        ids = tiles.Ids(q_seg, kv_seg, q_pos, kv_pos)
+        return _padded(q, k, v, ids, slopes, cfg=cfg, tp=tp, sp=sp, dp=dp)
+
     args = [q, k, v, q_seg, kv_seg, q_pos, kv_pos]
     if alibi_slopes is not None:
         args.append(jnp.asarray(alibi_slopes, jnp.float32).reshape(h))
-    return placement.per_shard(lambda *a: run(*a, *([None] * (8 - len(a)))), args, shard_axes,
-                               "flash")
+    return placement.per_shard(run, args, shard_axes, "flash")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tp", "sp", "dp"))
-def _padded(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, *, cfg, tp, sp, dp):
+def _padded(q, k, v, ids, slopes, *, cfg, tp, sp, dp):
     """Pad lengths to tp / sp (segment id 0) and head size to dp (zeros), run, slice back."""
     t, s, d = q.shape[1], k.shape[1], q.shape[3]
 
     def pad(x, n, axis_len):
-        if n == axis_len and (x.ndim == 2 or dp == d):
+        if n == axis_len and dp == d:
             return x
-        widths = [(0, 0), (0, n - axis_len)] + ([(0, 0), (0, dp - d)] if x.ndim == 4 else [])
-        return jnp.pad(x, widths)
+        return jnp.pad(x, [(0, 0), (0, n - axis_len), (0, 0), (0, dp - d)])
 
-    ids = [pad(x.astype(jnp.int32), n, m) for x, n, m in
-           ((q_seg, tp, t), (kv_seg, sp, s), (q_pos, tp, t), (kv_pos, sp, s))]
-    out = _flash(pad(q, tp, t), pad(k, sp, s), pad(v, sp, s), *ids, slopes, cfg)
+    out = _flash(pad(q, tp, t), pad(k, sp, s), pad(v, sp, s), ids.padded(tp, sp), slopes, cfg)
     return out[:, :t, :, :d]

@@ -37,7 +37,6 @@ hardware: no TPU was at hand; benchmark with tools/bench.py --compare_backends).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -47,30 +46,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxllm.kernels import placement, tiles
+from jaxllm.kernels.tiles import BlockSizes
 
 LANES, SUBLANES = 128, 8
 SMEM_BUDGET = 512 * 1024  # of the 1 MiB SMEM per core of TPU v4, v5e, v5p and v6e
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes (128 * 2^k). `*_dq` and `*_dkv` are the backward kernels' tiles."""
-
-    block_q: int = 512
-    block_k: int = 512
-    block_q_dq: int = 512
-    block_k_dq: int = 512
-    block_q_dkv: int = 512
-    block_k_dkv: int = 512
-
-
-@dataclasses.dataclass(frozen=True)
-class _Cfg:
-    scale: float
-    causal: bool
-    alibi: bool
-    blocks: BlockSizes
-    interpret: bool
+DEFAULT_BLOCKS = BlockSizes(*[512] * 6)  # tiles are 128 * 2^k (LANES is the smallest)
 
 
 def _plan(cls):
@@ -108,7 +88,8 @@ def _dims(n):
         dimension_semantics=("parallel",) * 3 + ("arbitrary",) * (n - 3))
 
 
-def _fwd_kernel(plan_ref, q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, *refs, cfg):
+def _fwd_kernel(plan_ref, q_ref, k_ref, v_ref, ids, *refs, cfg):
+    """`ids`: refs of the q tile's ids and positions as columns, the kv tile's as rows."""
     slopes_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs if cfg.alibi else (None, *refs)
     b, h, i, j = (pl.program_id(a) for a in range(4))
 
@@ -120,13 +101,13 @@ def _fwd_kernel(plan_ref, q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, *
 
     def step(masked):
         v, bk = v_ref[...], v_ref.shape[0]
-        q_pos, kv_pos = _lanes(qp_ref[...], bk), kp_ref[:1, :]
+        q_pos, kv_pos = _lanes(ids.q_pos[...], bk), ids.kv_pos[:1, :]
         slope = slopes_ref[0, h] if cfg.alibi else None
         s = tiles.logits2(tiles.dot(q_ref[...], k_ref[...], (1, 1)), cfg.scale, slope,
                           q_pos, kv_pos)
         if masked:
-            mask = tiles.visible(_lanes(qs_ref[...], bk), q_pos, ks_ref[:1, :], kv_pos,
-                                 cfg.causal)
+            mask = tiles.visible(tiles.Ids(_lanes(ids.q_seg[...], bk), ids.kv_seg[:1, :],
+                                           q_pos, kv_pos), cfg.causal)
             s = jnp.where(mask, s, tiles.MASKED)
         m_prev = m_ref[...]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -151,8 +132,7 @@ def _fwd_kernel(plan_ref, q_ref, k_ref, v_ref, qs_ref, qp_ref, ks_ref, kp_ref, *
         lse_ref[...] = m_ref[...] + jnp.log2(l_safe)
 
 
-def _dq_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qs_ref, qp_ref, ks_ref,
-               kp_ref, *refs, cfg):
+def _dq_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, ids, *refs, cfg):
     slopes_ref, dq_ref, acc_ref = refs if cfg.alibi else (None, *refs)
     b, h, i, j = (pl.program_id(a) for a in range(4))
 
@@ -162,13 +142,13 @@ def _dq_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qs_ref, q
 
     def step(masked):
         k, bk = k_ref[...], k_ref.shape[0]
-        q_pos, kv_pos = _lanes(qp_ref[...], bk), kp_ref[:1, :]
+        q_pos, kv_pos = _lanes(ids.q_pos[...], bk), ids.kv_pos[:1, :]
         slope = slopes_ref[0, h] if cfg.alibi else None
         s = tiles.logits2(tiles.dot(q_ref[...], k, (1, 1)), cfg.scale, slope, q_pos, kv_pos)
         p = jnp.exp2(s - jnp.expand_dims(lse_ref[0], -1))
         if masked:
-            mask = tiles.visible(_lanes(qs_ref[...], bk), q_pos, ks_ref[:1, :], kv_pos,
-                                 cfg.causal)
+            mask = tiles.visible(tiles.Ids(_lanes(ids.q_seg[...], bk), ids.kv_seg[:1, :],
+                                           q_pos, kv_pos), cfg.causal)
             p = jnp.where(mask, p, 0.0)
         dp = tiles.dot(do_ref[...], v_ref[...], (1, 1))
         ds = p * (dp - jnp.expand_dims(di_ref[0], -1))
@@ -183,8 +163,9 @@ def _dq_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qs_ref, q
         dq_ref[...] = (acc_ref[...] * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qs_ref, qp_ref, ks_ref,
-                kp_ref, *refs, cfg, group):
+def _dkv_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, ids, *refs, cfg,
+                group):
+    """`ids`: refs of the q tile's ids and positions as rows, the kv tile's as columns."""
     slopes_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs if cfg.alibi else (None, *refs)
     b, kh, j, g, i = (pl.program_id(a) for a in range(5))
 
@@ -196,13 +177,13 @@ def _dkv_kernel(plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qs_ref, 
     def step(masked):  # transposed tile: rows are keys, columns queries
         q, do = q_ref[...], do_ref[...]
         bq = q.shape[0]
-        q_pos, kv_pos = qp_ref[:1, :], _lanes(kp_ref[...], bq)
+        q_pos, kv_pos = ids.q_pos[:1, :], _lanes(ids.kv_pos[...], bq)
         slope = slopes_ref[0, kh * group + g] if cfg.alibi else None
         s = tiles.logits2(tiles.dot(k_ref[...], q, (1, 1)), cfg.scale, slope, q_pos, kv_pos)
         p = jnp.exp2(s - lse_ref[...])
         if masked:
-            mask = tiles.visible(qs_ref[:1, :], q_pos, _lanes(ks_ref[...], bq), kv_pos,
-                                 cfg.causal)
+            mask = tiles.visible(tiles.Ids(ids.q_seg[:1, :], _lanes(ids.kv_seg[...], bq),
+                                           q_pos, kv_pos), cfg.causal)
             p = jnp.where(mask, p, 0.0)
         dv_acc[...] += tiles.dot(p.astype(do.dtype), do)
         ds = p * (tiles.dot(v_ref[...], do, (1, 1)) - di_ref[...])
@@ -235,37 +216,38 @@ def _smem_slopes(slopes):
 
 def _q_major_specs(bq, bk, d, g):
     """Blocks of the (batch, q head, q tile, kv tile) grids: q tiles, the fetched kv tile
-    of q head h's kv head, q ids as columns and the fetched kv ids as rows."""
+    of q head h's kv head, and the `Ids` specs: q ids as columns, fetched kv ids as rows."""
     def fetch(b, i, j, p):
         return p[b, i, j] >> 2
 
+    col = pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, p: (b, i, 0))
+    row = pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j, p: (b, 0, fetch(b, i, j, p)))
     return (pl.BlockSpec((None, None, bq, d), lambda b, h, i, j, p: (b, h, i, 0)),
             pl.BlockSpec((None, None, bk, d),
                          lambda b, h, i, j, p: (b, lax.div(h, g), fetch(b, i, j, p), 0)),
-            pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, p: (b, i, 0)),
-            pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j, p: (b, 0, fetch(b, i, j, p))))
+            tiles.Ids(col, row, col, row))
 
 
-def _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, cfg):
+def _forward(q, k, v, ids, slopes, cfg):
     """q [B, H, T, D], k/v [B, K, S, D] -> out [B, H, T, D], base-2 logsumexp [B, H, T]."""
     b, h, t, d = q.shape
     g, bq, bk = h // k.shape[1], cfg.blocks.block_q, cfg.blocks.block_k
-    plan = _plan(tiles.tile_classes(q_seg, q_pos, kv_seg, kv_pos, bq, bk, cfg.causal))
-    q_blk, kv_blk, col, row = _q_major_specs(bq, bk, d, g)
+    plan = _plan(tiles.tile_classes(ids, bq, bk, cfg.causal))
+    q_blk, kv_blk, ids_specs = _q_major_specs(bq, bk, d, g)
     sl_specs, sl_args = _smem_slopes(slopes)
     lse_blk = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, p: (b, h, i, 0))
     out, lse = _call(
-        functools.partial(_fwd_kernel, cfg=cfg), (b, h, t // bq, kv_seg.shape[1] // bk),
-        [q_blk, kv_blk, kv_blk, col, col, row, row, *sl_specs], [q_blk, lse_blk],
+        functools.partial(_fwd_kernel, cfg=cfg), (b, h, t // bq, ids.kv_seg.shape[1] // bk),
+        [q_blk, kv_blk, kv_blk, ids_specs, *sl_specs], [q_blk, lse_blk],
         [jax.ShapeDtypeStruct(q.shape, q.dtype),
          jax.ShapeDtypeStruct((b, h, t, LANES), jnp.float32)],
         [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
          pltpu.VMEM((bq, d), jnp.float32)], cfg, "flash_alibi_tpu_fwd",
-    )(plan, q, k, v, _columns(q_seg), _columns(q_pos), _rows(kv_seg), _rows(kv_pos), *sl_args)
+    )(plan, q, k, v, ids.map(_columns, _rows), *sl_args)
     return out, lse[..., 0]
 
 
-def _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse, do, cfg):
+def _backward(q, k, v, ids, slopes, out, lse, do, cfg):
     b, h, t, d = q.shape
     kh, s = k.shape[1], k.shape[2]
     g = h // kh
@@ -274,19 +256,18 @@ def _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse, do, cfg):
     sl_specs, sl_args = _smem_slopes(slopes)
     # dq: (batch, q head, q tile, kv tile)
     bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
-    plan = _plan(tiles.tile_classes(q_seg, q_pos, kv_seg, kv_pos, bq, bk, cfg.causal))
-    q_blk, kv_blk, col, row = _q_major_specs(bq, bk, d, g)
+    plan = _plan(tiles.tile_classes(ids, bq, bk, cfg.causal))
+    q_blk, kv_blk, ids_specs = _q_major_specs(bq, bk, d, g)
     lse_row = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j, p: (b, h, 0, i))
     dq = _call(
         functools.partial(_dq_kernel, cfg=cfg), (b, h, t // bq, s // bk),
-        [q_blk, kv_blk, kv_blk, q_blk, lse_row, lse_row, col, col, row, row, *sl_specs], q_blk,
+        [q_blk, kv_blk, kv_blk, q_blk, lse_row, lse_row, ids_specs, *sl_specs], q_blk,
         jax.ShapeDtypeStruct(q.shape, q.dtype), [pltpu.VMEM((bq, d), jnp.float32)], cfg,
         "flash_alibi_tpu_dq",
-    )(plan, q, k, v, do, lse, delta, _columns(q_seg), _columns(q_pos), _rows(kv_seg),
-      _rows(kv_pos), *sl_args)
+    )(plan, q, k, v, do, lse, delta, ids.map(_columns, _rows), *sl_args)
     # dk, dv: (batch, kv head, kv tile, q head of the group, q tile)
     bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
-    cls = tiles.tile_classes(q_seg, q_pos, kv_seg, kv_pos, bq, bk, cfg.causal)
+    cls = tiles.tile_classes(ids, bq, bk, cfg.causal)
     plan = _plan(cls.swapaxes(1, 2))
     q_blk = pl.BlockSpec((None, None, bq, d),
                          lambda b, kh, j, gi, i, p: (b, kh * g + gi, p[b, j, i] >> 2, 0))
@@ -297,33 +278,15 @@ def _backward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, out, lse, do, cfg):
     col = pl.BlockSpec((None, bk, LANES), lambda b, kh, j, gi, i, p: (b, j, 0))
     dk, dv = _call(
         functools.partial(_dkv_kernel, cfg=cfg, group=g), (b, kh, s // bk, g, t // bq),
-        [q_blk, kv_blk, kv_blk, q_blk, lse_row, lse_row, row, row, col, col, *sl_specs],
+        [q_blk, kv_blk, kv_blk, q_blk, lse_row, lse_row, tiles.Ids(row, col, row, col),
+         *sl_specs],
         [kv_blk, kv_blk], [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
         [pltpu.VMEM((bk, d), jnp.float32)] * 2, cfg, "flash_alibi_tpu_dkv",
-    )(plan, q, k, v, do, lse, delta, _rows(q_seg), _rows(q_pos), _columns(kv_seg),
-      _columns(kv_pos), *sl_args)
+    )(plan, q, k, v, do, lse, delta, ids.map(_rows, _columns), *sl_args)
     return dq, dk, dv
 
 
 _flash = tiles.with_flash_vjp(_forward, _backward)
-
-
-def _clamp_blocks(blocks: BlockSizes, t: int, s: int) -> tuple[BlockSizes, int, int]:
-    """Clamp each tile to the length rounded up to 128 * 2^k; return padded lengths."""
-    for f in dataclasses.fields(blocks):
-        val = getattr(blocks, f.name)
-        if not isinstance(val, int) or val < LANES or val % LANES or (val // LANES) & (
-                val // LANES - 1):
-            raise ValueError(f"flash attention (TPU): {f.name}={val!r} must be 128 * 2^k")
-
-    def cap(n):
-        return LANES << max(0, tiles.round_up(n, LANES) // LANES - 1).bit_length()
-
-    c = BlockSizes(*(min(getattr(blocks, f.name), cap(t) if f.name.startswith("block_q")
-                         else cap(s)) for f in dataclasses.fields(blocks)))
-    qmult = max(c.block_q, c.block_q_dq, c.block_q_dkv)
-    kmult = max(c.block_k, c.block_k_dq, c.block_k_dkv)
-    return c, tiles.round_up(t, qmult), tiles.round_up(s, kmult)
 
 
 def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=True, scale=None,
@@ -331,34 +294,33 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
               shard_axes=None):
     """Flash attention on TPU with the kernels/xla.py signature and semantics
     (differentiable in q, k, v). q [B, T, H, D]; k, v [B, S, K, D] (H a multiple of K);
-    segment ids and positions [B, T] / [B, S]; alibi_slopes [H] or None. `interpret`
-    defaults to the Pallas interpreter when the target platform is a CPU (tests);
-    `shard_axes` runs it per shard (placement.per_shard)."""
-    b, t, h, d = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % kh:
-        raise ValueError(f"flash attention (TPU): expected q [B,T,H,D], k/v [B,S,K,D] with "
-                         f"H % K == 0; got q {q.shape}, k {k.shape}, v {v.shape}")
-    blocks, tp, sp = _clamp_blocks(block_sizes or BlockSizes(), t, s)
+    segment ids and positions [B, T] / [B, S]; alibi_slopes [H] or None; `block_sizes`
+    fields left None are 512 (DEFAULT_BLOCKS). `interpret` defaults to the Pallas
+    interpreter when the target platform is a CPU (tests); `shard_axes` runs it per shard
+    (placement.per_shard)."""
+    tiles.check_shapes(q, k, v, "flash attention (TPU)")
+    (_, t, h, _), s = q.shape, k.shape[1]
+    blocks, tp, sp = (block_sizes or BlockSizes()).fit(DEFAULT_BLOCKS, t, s, LANES,
+                                                       "flash attention (TPU)")
     interpret = placement.interpret_default(interpret)
     placement.require_tpu_or_interpret(interpret, "flash (TPU)")
-    cfg = _Cfg(scale=float(d ** -0.5 if scale is None else scale), causal=bool(causal),
-               alibi=alibi_slopes is not None, blocks=blocks, interpret=interpret)
-    run = functools.partial(_padded, cfg=cfg, tp=tp, sp=sp)
+    cfg = tiles.Cfg.of(q, scale, causal, alibi_slopes, blocks, interpret)
+
+    def run(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes=None):
+        ids = tiles.Ids(q_seg, kv_seg, q_pos, kv_pos)
+        return _padded(q, k, v, ids, slopes, cfg=cfg, tp=tp, sp=sp)
+
     args = [q, k, v, q_seg, kv_seg, q_pos, kv_pos]
     if alibi_slopes is not None:
         args.append(jnp.asarray(alibi_slopes, jnp.float32).reshape(h))
-    return placement.per_shard(lambda *a: run(*a, *([None] * (8 - len(a)))), args, shard_axes,
-                               "flash (TPU)")
+    return placement.per_shard(run, args, shard_axes, "flash (TPU)")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tp", "sp"))
-def _padded(q, k, v, q_seg, kv_seg, q_pos, kv_pos, slopes, *, cfg, tp, sp):
+def _padded(q, k, v, ids, slopes, *, cfg, tp, sp):
     """Pad lengths to tp / sp (segment id 0), go head-major, run, undo."""
     t = q.shape[1]
-    ids = [tiles.pad_tokens(x.astype(jnp.int32), n)
-           for x, n in ((q_seg, tp), (kv_seg, sp), (q_pos, tp), (kv_pos, sp))]
     qh, kh, vh = (tiles.pad_tokens(x, n).transpose(0, 2, 1, 3)
                   for x, n in ((q, tp), (k, sp), (v, sp)))
-    out = _flash(qh, kh, vh, *ids, slopes, cfg)
+    out = _flash(qh, kh, vh, ids.padded(tp, sp), slopes, cfg)
     return out.transpose(0, 2, 1, 3)[:, :t]

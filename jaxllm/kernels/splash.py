@@ -58,11 +58,8 @@ def attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, alibi_slopes=None, causal=T
     if alibi_slopes is not None:
         raise ValueError("splash attention has no ALiBi; use attention backend 'flash' "
                          "(on TPU: kernels/flash_tpu.py) or 'xla'")
-    b, t, h, d = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % kh:
-        raise ValueError(f"splash attention: expected q [B,T,H,D], k/v [B,S,K,D] with H % K == 0;"
-                         f" got q {q.shape}, k {k.shape}, v {v.shape}")
+    tiles.check_shapes(q, k, v, "splash attention")
+    (_, t, _, d), s = q.shape, k.shape[1]
     if t != s:  # decoding over a cache: splash's causal mask is by index, not position
         return xla.attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, None, causal, scale)
     interpret = placement.interpret_default(interpret)
