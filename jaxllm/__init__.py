@@ -6,7 +6,7 @@ Layers, lowest first. A module imports only from lower layers and from its own p
 the choice registries of layers 1-2 by name when it validates (`config.SCHEMA`), the one
 dependency that points up, at run time only:
 
-    6  cli, tools/                    entry points: flags, `error: ...` + exit 2
+    6  cli, tools/, python -m mains   entry points: flags, `error: ...` + exit 2
     5  experiments, budget,            workflows over the layers below: ablation grids,
        ablation_report | benchmark,    throughput (vs_torch: the same step side by side
        bench_report, vs_torch,         with PyTorch's nanoGPT architecture in torch_gpt),

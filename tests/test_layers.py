@@ -53,6 +53,8 @@ def _where(mod: str):
     if mod != "jaxllm" and not mod.startswith("jaxllm."):
         return None
     parts = mod.split(".")
+    if parts[-1] == "__main__":  # `python -m jaxllm.x` entry points
+        return jaxllm.LAYERS["cli"], "entry"
     if len(parts) == 1:
         return -1, "jaxllm"  # the package itself: its docstring and version only
     name = parts[1]
