@@ -8,6 +8,8 @@ The cuDNN call itself needs a GPU; on CPU the same arguments go through JAX's XL
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ import pytest
 
 from jaxllm import kernels
 from jaxllm.kernels import cudnn, flash, tiles, xla
-from tests.fixtures import run_py
+from tests.fixtures import jax_internal, run_py
 
 
 def rel(a, b):
@@ -185,10 +187,9 @@ def test_tile_classes_are_sound_against_the_full_mask(causal):
 def skip_without_cuda_lowering():
     """jaxlib <= 0.10.2 emits Triton IR when lowering for cuda on any host; later jaxlibs
     compile it right away and need the CUDA plugin's compilation handler."""
-    from jax._src.lib import triton as jaxlib_triton
-    from jax._src.lib import version as jaxlib_version
-
-    if jaxlib_version > (0, 10, 2) and not jaxlib_triton.has_compilation_handler("cuda"):
+    version = tuple(int(x) for x in importlib.metadata.version("jaxlib").split(".")[:3])
+    if version > (0, 10, 2) and not jax_internal("jax._src.lib.triton",
+                                                 "has_compilation_handler")("cuda"):
         pytest.skip("this jaxlib needs the CUDA plugin to lower Pallas kernels for cuda")
 
 
@@ -219,8 +220,9 @@ def test_flash_kernels_compile_for_sm90_without_register_spills(d, dtype, tmp_pa
     import pathlib
     import subprocess
 
-    from jax._src.pallas.triton import pallas_call_registration as reg
     from triton.backends.compiler import GPUTarget
+
+    reg = jax_internal("jax._src.pallas.triton.pallas_call_registration")
 
     modules, lower = [], reg.lowering.lower_jaxpr_to_triton_module
 

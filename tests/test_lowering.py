@@ -28,6 +28,7 @@ from jaxllm import kernels, optim, parallel
 from jaxllm.config import defaults
 from jaxllm.state import abstract_state
 from jaxllm.train.step import jit_train_step
+from tests.fixtures import jax_internal
 from tests.test_kernels import run_on_8_devices, skip_without_cuda_lowering
 
 T = 384
@@ -104,8 +105,8 @@ def test_train_step_lowers_for_cuda(pos, backend, calls, monkeypatch):
     kernels/cudnn.py). A CPU jaxlib has no cuDNN to report its version, which the cuDNN
     lowering only uses to gate features: the test states 9.10."""
     skip_without_cuda_lowering()
-    from jax._src.cudnn import fused_attention_stablehlo
-    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(jax_internal("jax._src.cudnn.fused_attention_stablehlo"),
+                        "check_cudnn_version", lambda: 91000)
     text = export_train_step("cuda", small_cfg(pos, backend))
     found = sorted(set(re.findall(r"custom_call @([^(]+)\(", text)))
     assert found == sorted(calls), found
