@@ -159,9 +159,26 @@ def quiet_libraries(verbose: bool = False) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ warnings
         sys.excepthook = _drop_background_noise(sys.excepthook, whole=True)
         sys.unraisablehook = _drop_background_noise(sys.unraisablehook, whole=False)
+        logging.getLogger("asyncio").addFilter(_background_log_record)
 
 
 _BACKGROUND = ("/asyncio/", "/orbax/", "/tensorstore/", "/concurrent/futures/", "threading.py")
+
+
+def _in_background(tb, whole: bool) -> bool:
+    """Whether traceback `tb` comes from library background work: all its frames
+    (`whole`) or any of them in asyncio/Orbax/TensorStore/thread-pool code."""
+    files = [f.filename for f in traceback.extract_tb(tb)] if tb is not None else []
+    hits = [any(m in f for m in _BACKGROUND) for f in files]
+    return bool(hits) and (all(hits) if whole else any(hits))
+
+
+def _background_log_record(record: logging.LogRecord) -> bool:
+    """asyncio logs "Task exception was never retrieved" with the traceback of each of
+    Orbax's write tasks still pending when a save failed (it already is our one
+    `error:` line); keep every other asyncio record."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and _in_background(exc.__traceback__, whole=True))
 
 
 def _drop_background_noise(hook, whole: bool):
@@ -171,9 +188,7 @@ def _drop_background_noise(hook, whole: bool):
     (`whole`), or any such frame for unraisable ones. Anything from our code still shows."""
     def filtered(*args):
         tb = args[2] if len(args) == 3 else getattr(args[0], "exc_traceback", None)
-        files = [f.filename for f in traceback.extract_tb(tb)] if tb is not None else []
-        hits = [any(m in f for m in _BACKGROUND) for f in files]
-        if hits and (all(hits) if whole else any(hits)):
+        if _in_background(tb, whole):
             return
         hook(*args)
     filtered.jaxllm_filtered = True
